@@ -1,0 +1,111 @@
+"""Defaults shared by every config file, and start-up validation of a config.
+
+Config files (configs/*.py) start from `base_config()` and change what differs, so every
+run has every field and a typo in an override fails loudly.
+"""
+
+import ml_collections
+
+# Published DeiT geometries (timm names).
+VARIANTS = {
+    'tiny': dict(dim=192, depth=12, heads=3),
+    'small': dict(dim=384, depth=12, heads=6),
+    'base': dict(dim=768, depth=12, heads=12),
+}
+
+
+def model_config(size: str = 'tiny', *, halting: bool = True) -> ml_collections.ConfigDict:
+  """Architecture and halting constants of a DeiT / A-ViT at patch 16, 224."""
+  geometry = VARIANTS[size]
+  prefix = 'avit' if halting else 'deit'
+  return ml_collections.ConfigDict(dict(
+      variant=f'{prefix}_{size}_patch16_224',
+      image_size=224,
+      patch=16,
+      in_chans=3,
+      dim=geometry['dim'],
+      depth=geometry['depth'],
+      heads=geometry['heads'],
+      mlp_ratio=4.0,
+      num_classes=1000,
+      drop_rate=0.0,
+      attn_drop_rate=0.0,
+      drop_path_rate=0.1,
+      halting=halting,
+      gate_scale=10.0,   # gamma
+      gate_center=30.0,  # beta
+      eps=0.01,
+      dtype='float32',   # compute dtype; parameters stay float32
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with DeiT-recipe defaults."""
+  config = ml_collections.ConfigDict()
+  config.mode = 'train'  # 'train' (with periodic eval) or 'eval' (evaluate a checkpoint)
+  config.seed = 0
+  config.batch_size = 512  # global, over all devices and hosts
+  config.eval_batch_size = 512
+  config.num_epochs = 100
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.num_eval_images = -1  # > 0 evaluates on the first N eval images only
+  config.log_every_steps = 100
+  config.eval_every_steps = 0  # 0: once per epoch
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.init_from = ''  # orbax checkpoint written by `python -m avit_jax.convert`
+  config.eval_checkpoint = ''  # mode='eval': checkpoint dir (default: latest in workdir)
+  config.write_depth_maps = True
+
+  config.model = model_config('tiny')
+
+  config.data = ml_collections.ConfigDict(dict(
+      source='imagenet2012',  # 'imagenet2012' (tfds), 'folder', 'fashion_mnist'
+      data_dir='',            # tfds data_dir, folder root, or IDX directory
+      train_split='train',
+      eval_split='validation',
+      shuffle_buffer_size=16_384,
+      cache=False,
+      mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225),
+      crop_pct=0.875,
+      prefetch=2,
+  ))
+
+  config.aug = ml_collections.ConfigDict(dict(
+      random_resized_crop=True,
+      pad_and_crop=0,
+      hflip=True,
+      randaug='rand-m9-mstd0.5-inc1',
+      erase_p=0.25,
+      mixup=0.8,
+      cutmix=1.0,
+      switch_prob=0.5,
+      label_smoothing=0.1,
+  ))
+
+  config.loss = ml_collections.ConfigDict(dict(
+      ponder_weight=5e-4,      # alpha_p
+      prior_weight=1e-3,       # alpha_d
+      prior_target_depth=8,    # mu
+      prior_std=1.0,
+  ))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=5e-4,               # base lr at global batch 512; scaled by batch_size / 512
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      warmup_epochs=5.0,
+      warmup_lr=1e-6,
+      min_lr=1e-5,
+      grad_clip_norm=0.0,    # 0: off
+      ema_decay=0.0,         # 0: off
+  ))
+
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # -1: all devices
+      fsdp=1,
+  ))
+  return config

@@ -1,0 +1,57 @@
+"""Multiply-adds per image of DeiT / A-ViT from the tokens active in each layer.
+
+Convention behind DeiT-T's "1.3 GFLOPs" (../shared/AVIT.md "FLOPs per image"): patch
+embedding, then per layer qkv, proj, fc1, fc2 for each active token plus attention
+(QK^T and AV) among the active tokens, then the head. LayerNorm, softmax, GELU and
+additions are not counted. No timing here.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+
+def _geometry(model_config: ml_collections.ConfigDict):
+  c = model_config
+  patches = (c.image_size // c.patch) ** 2
+  hidden = int(c.dim * c.mlp_ratio)
+  embed = patches * c.patch * c.patch * c.in_chans * c.dim
+  per_token = 4 * c.dim * c.dim + 2 * c.dim * hidden  # qkv (3 D^2) + proj (D^2) + fc1 + fc2
+  return patches + 1, embed, per_token, c.dim * c.num_classes
+
+
+def layer_macs(active_tokens, model_config: ml_collections.ConfigDict):
+  """Multiply-adds of one block run on `active_tokens` tokens (array or number)."""
+  _, _, per_token, _ = _geometry(model_config)
+  n = active_tokens
+  return n * per_token + 2 * n * n * model_config.dim
+
+
+def dense_gflops(model_config: ml_collections.ConfigDict) -> float:
+  """GMACs of one image through plain DeiT (every token, every layer)."""
+  tokens, embed, _, head = _geometry(model_config)
+  layers = model_config.depth * float(layer_macs(tokens, model_config))
+  return (embed + layers + head) / 1e9
+
+
+def active_tokens_per_layer(token_depth, depth: int):
+  """token_depth [B, N] (1..L) -> active token count [B, L]: token k runs layer l iff l < n_k."""
+  layers = jnp.arange(depth)
+  return (jnp.asarray(token_depth)[:, None, :] > layers[None, :, None]).sum(-1)
+
+
+def gflops_per_image(token_depth, model_config: ml_collections.ConfigDict):
+  """GMACs of each image [B] from its token depths [B, N] (A-ViT: only active tokens)."""
+  _, embed, _, head = _geometry(model_config)
+  active = active_tokens_per_layer(token_depth, model_config.depth).astype(jnp.float32)
+  return (embed + head + layer_macs(active, model_config).sum(-1)) / 1e9
+
+
+def gflops_summary(token_depth, model_config: ml_collections.ConfigDict) -> dict:
+  """Mean A-ViT GMACs per image, the dense figure, and their ratio (numpy floats)."""
+  used = float(np.mean(np.asarray(gflops_per_image(token_depth, model_config))))
+  dense = dense_gflops(model_config)
+  return {'gflops_per_image': used, 'dense_gflops_per_image': dense,
+          'compute_fraction': used / dense}

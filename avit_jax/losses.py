@@ -1,0 +1,51 @@
+"""A-ViT training losses (../shared/AVIT.md "Losses"). Pure functions of arrays and floats."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy.stats import norm
+
+
+def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+  """int [B] -> float32 [B, C]: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere."""
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over the batch of -sum(targets * log_softmax(logits)); logits, targets [B, C]."""
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def ponder_loss(ponder: jax.Array, weight: float) -> jax.Array:
+  """alpha_p * mean(rho) over images and tokens; ponder [B, N]."""
+  return weight * ponder.mean()
+
+
+def prior_target(depth: int, target_depth: float, std: float) -> jax.Array:
+  """Gaussian target T[l], l = 0..L-1, scaled so that T[0] + ... + T[mu-1] = 0.98.
+
+  Deliberately not a distribution (its sum is above 1): that is the published prior.
+  """
+  layers = jnp.arange(depth, dtype=jnp.float32)
+  pdf = norm.pdf(layers, loc=target_depth, scale=std)
+  head = int(target_depth)
+  if not 0 < head <= depth:
+    raise ValueError(f'loss.prior_target_depth must be in (0, {depth}] for a depth-{depth} '
+                     f'model, got {target_depth}')
+  return pdf * (0.98 / pdf[:head].sum())
+
+
+def prior_loss(halting_mean: jax.Array, target: jax.Array, weight: float) -> jax.Array:
+  """alpha_d * max(KL(T || D), 0), D = H / sum(H) clipped to [0.01, 0.99].
+
+  KL is summed over layers and divided by L, as PyTorch's KLDivLoss('batchmean') does on a
+  1-D input; the term only counts when positive (T is not normalised, so KL can be < 0).
+  halting_mean: float32 [L]; target: float32 [L].
+  """
+  dist = jnp.clip(halting_mean / halting_mean.sum(), 0.01, 0.99)
+  pointwise = jnp.where(target > 0, target * (jnp.log(target) - jnp.log(dist)), 0.0)
+  kl = pointwise.sum() / halting_mean.shape[0]
+  return weight * jnp.maximum(kl, 0.0)

@@ -1,0 +1,90 @@
+"""A-ViT: the DeiT backbone run with per-token adaptive halting (fixed-shape masks).
+
+Follows ../shared/AVIT.md "Halting" step by step; with `halting=False` the same module
+is plain DeiT, so baselines, DeiT training and A-ViT share parameters and code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from avit_jax.models import halting as halting_lib
+from avit_jax.models.vit import VisionTransformer
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AViTOutput:
+  """logits: float32 [B, C]. token_depth: float32 [B, N], layers each token ran (1..L).
+
+  ponder: float32 [B, N], rho = depth + remainder at the halting layer.
+  halting_mean: float32 [L], mean halting score per layer over images and tokens (prior).
+  halting_scores: float32 [B, L, N], each layer's score before the last-layer override.
+  With halting off: depth = L, ponder = L, halting_mean and halting_scores are zero.
+  """
+  logits: jax.Array
+  token_depth: jax.Array
+  ponder: jax.Array
+  halting_mean: jax.Array
+  halting_scores: jax.Array
+
+
+class AViT(VisionTransformer):
+  """DeiT/ViT whose tokens halt adaptively; `halting=False` gives plain DeiT."""
+
+  def __init__(self, *, halting: bool, gate_scale: float, gate_center: float, eps: float,
+               **backbone):
+    super().__init__(**backbone)
+    if gate_scale <= 0:
+      raise ValueError(f'model.gate_scale must be > 0, got {gate_scale}')
+    if not 0.0 < eps < 1.0:
+      raise ValueError(f'model.eps must be in (0, 1), got {eps}')
+    self.halting = halting
+    self.gate_scale = float(gate_scale)
+    self.gate_center = float(gate_center)
+    self.eps = float(eps)
+
+  def run_halting(self, x: jax.Array) -> tuple[halting_lib.HaltingState, jax.Array]:
+    """Runs every block with halting on embedded tokens x [B, N, D].
+
+    Returns the final halting state and the per-layer scores [L, B, N].
+    """
+    b, n, d = x.shape
+    state = halting_lib.init_state(b, n, d)
+    scores = []
+    last = self.depth - 1
+    for layer, block in enumerate(self.blocks):
+      mask = state.mask
+      x = x * mask[..., None].astype(x.dtype)
+      x = block(x, mask=mask)
+      h = halting_lib.halting_score(x, self.gate_scale, self.gate_center)
+      scores.append(h)
+      if layer == last:  # static Python index: the last layer halts everything
+        h = jnp.ones_like(h)
+      state = halting_lib.update(state, x, h, self.eps)
+    return state, jnp.stack(scores)
+
+  def __call__(self, images: jax.Array) -> AViTOutput:
+    """images: float [B, H, W, C], normalised, NHWC."""
+    self.check_images(images)
+    b = images.shape[0]
+    n, depth = self.num_patches + 1, self.depth
+    if not self.halting:
+      logits = self.forward_head(self.forward_features(images))
+      full = jnp.full((b, n), float(depth), jnp.float32)
+      return AViTOutput(logits=logits, token_depth=full, ponder=full,
+                        halting_mean=jnp.zeros((depth,), jnp.float32),
+                        halting_scores=jnp.zeros((b, depth, n), jnp.float32))
+    state, scores = self.run_halting(self.embed(images))
+    features = self.norm(state.output.astype(self.dtype))
+    return AViTOutput(
+        logits=self.forward_head(features),
+        token_depth=state.depth,
+        ponder=state.ponder,
+        halting_mean=scores.mean(axis=(1, 2)),
+        halting_scores=jnp.transpose(scores, (1, 0, 2)),
+    )

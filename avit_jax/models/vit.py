@@ -1,0 +1,171 @@
+"""DeiT / ViT backbone with timm's structure, names and numerics (flax.nnx, NHWC).
+
+Attribute names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`,
+`blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `head`), so weight
+conversion is a rename-and-transpose table. Every block takes an optional token mask:
+with a mask, halted tokens are zeroed around both LayerNorms and removed as attention
+keys, which is what A-ViT's halting needs; without one it is plain DeiT.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LAYER_NORM_EPS = 1e-6
+_trunc_normal = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+_zeros = nnx.initializers.zeros_init()
+
+
+def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(din, dout, kernel_init=_trunc_normal, bias_init=_zeros,
+                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, dtype=dtype,
+                       param_dtype=jnp.float32, rngs=rngs)
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping patches -> tokens: `float32[B, H, W, C] -> [B, H/p * W/p, D]`."""
+
+  def __init__(self, patch: int, in_chans: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.patch = patch
+    # timm initialises the patch conv like a linear layer over the flattened patch.
+    self.proj = nnx.Conv(in_chans, dim, kernel_size=(patch, patch), strides=(patch, patch),
+                         padding='VALID', kernel_init=nnx.initializers.lecun_normal(),
+                         bias_init=_zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = self.proj(images)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with one fused qkv projection (timm `Attention`)."""
+
+  def __init__(self, dim: int, heads: int, *, attn_drop: float, proj_drop: float, dtype,
+               rngs: nnx.Rngs):
+    if dim % heads:
+      raise ValueError(f'width {dim} is not divisible by the number of heads {heads}')
+    self.heads = heads
+    self.scale = (dim // heads) ** -0.5
+    self.qkv = _linear(dim, 3 * dim, dtype, rngs)
+    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+    self.proj = _linear(dim, dim, dtype, rngs)
+    self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, N, D]; key_mask: bool/float [B, N], 0 removes that token as a key."""
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, h, Dh]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q * self.scale, k)
+    if key_mask is not None:
+      # A removed key gets exactly zero weight, as if it were not in the sequence.
+      keep = key_mask.astype(bool)[:, None, None, :]
+      logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    weights = self.attn_drop(weights)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, d)
+    return self.proj_drop(self.proj(out))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact (erf) GELU -> fc2 (timm `Mlp`)."""
+
+  def __init__(self, dim: int, hidden: int, *, drop: float, dtype, rngs: nnx.Rngs):
+    self.fc1 = _linear(dim, hidden, dtype, rngs)
+    self.fc2 = _linear(hidden, dim, dtype, rngs)
+    self.drop = nnx.Dropout(drop, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.drop(self.fc2(x))
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm transformer block; `mask` (A-ViT) zeroes halted tokens around the norms."""
+
+  def __init__(self, dim: int, heads: int, *, mlp_ratio: float, drop: float, attn_drop: float,
+               drop_path: float, dtype, rngs: nnx.Rngs):
+    self.norm1 = _layer_norm(dim, dtype, rngs)
+    self.attn = Attention(dim, heads, attn_drop=attn_drop, proj_drop=drop, dtype=dtype, rngs=rngs)
+    self.norm2 = _layer_norm(dim, dtype, rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, dtype=dtype, rngs=rngs)
+    # Stochastic depth: dropping whole samples is dropout broadcast over tokens and width.
+    self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, N, D]; mask: float [B, N] (1 active, 0 halted) or None for plain DeiT."""
+    if mask is None:
+      x = x + self.drop_path(self.attn(self.norm1(x)))
+      return x + self.drop_path(self.mlp(self.norm2(x)))
+    m = mask[..., None].astype(x.dtype)
+    x = x + self.drop_path(self.attn(self.norm1(x * m) * m, key_mask=mask))
+    return x + self.drop_path(self.mlp(self.norm2(x * m) * m))
+
+
+class VisionTransformer(nnx.Module):
+  """DeiT without halting: `forward_features` -> final-norm tokens, `forward_head` -> logits."""
+
+  def __init__(self, *, image_size: int, patch: int, in_chans: int, dim: int, depth: int,
+               heads: int, mlp_ratio: float, num_classes: int, drop_rate: float,
+               attn_drop_rate: float, drop_path_rate: float, dtype, rngs: nnx.Rngs):
+    if image_size % patch:
+      raise ValueError(f'patch size {patch} does not divide image size {image_size}')
+    self.image_size = image_size
+    self.in_chans = in_chans
+    self.dtype = dtype
+    self.num_patches = (image_size // patch) ** 2
+    self.patch_embed = PatchEmbed(patch, in_chans, dim, dtype=dtype, rngs=rngs)
+    key = rngs.params()
+    self.cls_token = nnx.Param(1e-6 * jax.random.normal(key, (1, 1, dim), jnp.float32))
+    self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.num_patches + 1, dim),
+                                             jnp.float32))
+    self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
+    # Linearly increasing drop-path rate over depth, as in timm.
+    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    self.blocks = nnx.List([
+        Block(dim, heads, mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate,
+              drop_path=rate, dtype=dtype, rngs=rngs) for rate in rates])
+    self.norm = _layer_norm(dim, dtype, rngs)
+    self.head = _linear(dim, num_classes, dtype, rngs)
+
+  @property
+  def depth(self) -> int:
+    return len(self.blocks)
+
+  def check_images(self, images: jax.Array) -> None:
+    """Raises ValueError unless images is float [B, S, S, C] for this model."""
+    s, c = self.image_size, self.in_chans
+    if (images.ndim != 4 or images.shape[1:] != (s, s, c)):
+      raise ValueError(f'expected images of shape [B, {s}, {s}, {c}] (batch, height, width, '
+                       f'channels; NHWC, normalised), got shape {tuple(images.shape)}')
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f'expected floating-point images (normalised float32), got dtype '
+                       f'{images.dtype}; convert with images.astype(jnp.float32) after '
+                       'normalising')
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Patch embedding + class token + position embedding: [B, S, S, C] -> [B, N, D]."""
+    x = self.patch_embed(images.astype(self.dtype))
+    cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+    return self.pos_drop(x)
+
+  def forward_features(self, images: jax.Array) -> jax.Array:
+    x = self.embed(images)
+    for block in self.blocks:
+      x = block(x)
+    return self.norm(x)
+
+  def forward_head(self, features: jax.Array) -> jax.Array:
+    """Class-token features [B, N, D] -> logits float32 [B, C]."""
+    return self.head(features[:, 0]).astype(jnp.float32)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    self.check_images(images)
+    return self.forward_head(self.forward_features(images))

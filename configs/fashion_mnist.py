@@ -1,0 +1,53 @@
+"""Embedded default: A-ViT on Fashion-MNIST (28x28, patch 4) that trains on 2 CPU cores in minutes."""
+
+
+from avit_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  config = config_lib.base_config()
+  config.model.variant = 'avit_fmnist_patch4_28'
+  config.model.image_size = 28
+  config.model.patch = 4
+  config.model.dim = 64
+  config.model.depth = 6
+  config.model.heads = 4
+  config.model.num_classes = 10
+  config.model.drop_path_rate = 0.0
+  config.model.gate_scale = 10.0
+  config.model.gate_center = 10.0
+
+  config.data.source = 'fashion_mnist'
+  config.data.data_dir = '/usr/share/datasets/fashion-mnist'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'test'
+  config.data.mean = (0.2860, 0.2860, 0.2860)
+  config.data.std = (0.3530, 0.3530, 0.3530)
+  config.data.cache = True
+
+  # Light recipe: small shifts and flips, no RandAugment / erasing / mixup.
+  config.aug.random_resized_crop = False
+  config.aug.pad_and_crop = 2
+  config.aug.hflip = True
+  config.aug.randaug = ''
+  config.aug.erase_p = 0.0
+  config.aug.mixup = 0.0
+  config.aug.cutmix = 0.0
+  config.aug.label_smoothing = 0.1
+
+  config.loss.ponder_weight = 5e-4
+  config.loss.prior_weight = 1e-3
+  config.loss.prior_target_depth = 4
+  config.loss.prior_std = 1.0
+
+  config.batch_size = 128
+  config.eval_batch_size = 500
+  config.num_epochs = 3
+  config.optimizer.lr = 2e-3
+  config.optimizer.warmup_epochs = 0.3
+  config.optimizer.weight_decay = 0.05
+  config.log_every_steps = 50
+  config.eval_every_steps = 0  # 0: evaluate at the end of each epoch
+  config.checkpoint_every_steps = 500
+  return config

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up what the project needs on a fresh Debian machine: the Fashion-MNIST IDX files
+# (Debian package) and a virtual environment .venv with pinned versions. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+  echo "bootstrap: installing Debian's dataset-fashion-mnist into $FMNIST_DIR" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+STAMP=.venv/.installed-$(cat setup.py constraints.txt | sha1sum | cut -c1-12)
+if [ ! -f "$STAMP" ]; then
+  echo "bootstrap: creating .venv and installing avit_jax[test] (pinned by constraints.txt)" >&2
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  # torch first and alone: 2.13.0 is the CPU build on local disk here.
+  .venv/bin/pip install -q -c constraints.txt torch==2.13.0
+  .venv/bin/pip install -q -c constraints.txt -e '.[test]'
+  rm -f .venv/.installed-*
+  touch "$STAMP"
+fi
