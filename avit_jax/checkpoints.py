@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 PARAMS = 'params'
 METADATA = 'metadata'
@@ -109,9 +110,7 @@ def metadata_json(model_config) -> dict:
 
 def assign_params(model, params: dict, what: str = 'checkpoint') -> None:
   """Copies a nested dict of arrays into the nnx model's parameters after checking names and shapes."""
-  from flax import nnx  # local: keep this module's import light for tools that only read files
-
   state = nnx.state(model, nnx.Param)
-  check_compatible(state.to_pure_dict(), params, what)
-  state.replace_by_pure_dict(jax.tree.map(lambda a: np.asarray(a, np.float32), params))
+  check_compatible(nnx.to_pure_dict(state), params, what)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.asarray(a, np.float32), params))
   nnx.update(model, state)

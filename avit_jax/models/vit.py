@@ -152,8 +152,8 @@ class VisionTransformer(nnx.Module):
   def embed(self, images: jax.Array) -> jax.Array:
     """Patch embedding + class token + position embedding: [B, S, S, C] -> [B, N, D]."""
     x = self.patch_embed(images.astype(self.dtype))
-    cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
     return self.pos_drop(x)
 
   def forward_features(self, images: jax.Array) -> jax.Array:
