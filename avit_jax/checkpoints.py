@@ -114,3 +114,68 @@ def assign_params(model, params: dict, what: str = 'checkpoint') -> None:
   check_compatible(nnx.to_pure_dict(state), params, what)
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.asarray(a, np.float32), params))
   nnx.update(model, state)
+
+
+class TrainCheckpoints:
+  """The trainer's orbax CheckpointManager under WORKDIR/checkpoints.
+
+  Each step directory holds `params` and `metadata` (so `load_params` reads it), plus
+  `opt_state`, `ema_params` and `train` (JSON: step, epoch, data position, seed). Keeps the
+  last `keep` steps and the best by eval top-1; saves asynchronously.
+  """
+
+  ITEMS = (PARAMS, METADATA, 'opt_state', 'ema_params', 'train')
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    from orbax.checkpoint import checkpoint_managers
+
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.BestN(get_metric_fn=lambda m: m['top1'], n=1,
+                                  keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=async_save, create=True,
+        cleanup_tmp_directories=True)
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, *, params, opt_state, ema_params, train: dict, metadata: dict,
+           metrics: dict | None = None) -> None:
+    """params / ema_params: nnx.State or nested dicts of arrays; opt_state: optax state."""
+    to_pure = lambda s: nnx.to_pure_dict(s) if isinstance(s, nnx.State) else s
+    self.manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(to_pure(params)),
+        METADATA: ocp.args.JsonSave(metadata),
+        'opt_state': ocp.args.StandardSave(opt_state),
+        'ema_params': ocp.args.StandardSave(to_pure(ema_params if ema_params is not None
+                                                    else {})),
+        'train': ocp.args.JsonSave(train),
+    }), metrics=metrics, force=True)
+
+  def restore(self, step: int, *, abstract_params, abstract_opt_state, abstract_ema=None):
+    """Restores onto abstract pytrees (ShapeDtypeStructs carrying shardings).
+
+    abstract_params: pure nested dict. Returns (params dict, opt_state, ema dict or None, train).
+    """
+    items = {PARAMS: ocp.args.StandardRestore(abstract_params),
+             'opt_state': ocp.args.StandardRestore(abstract_opt_state),
+             'train': ocp.args.JsonRestore()}
+    if abstract_ema is not None:
+      items['ema_params'] = ocp.args.StandardRestore(abstract_ema)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return (restored[PARAMS], restored['opt_state'],
+            restored['ema_params'] if abstract_ema is not None else None, restored['train'])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

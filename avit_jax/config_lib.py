@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.init_from = ''  # orbax checkpoint written by `python -m avit_jax.convert`
   config.eval_checkpoint = ''  # mode='eval': checkpoint dir (default: latest in workdir)
-  config.write_depth_maps = True
+  config.write_depth_maps = True  # figures under WORKDIR/figures at the end of training
+  config.skip_nonfinite_steps = False  # False: stop on a non-finite loss; True: skip and count
 
   config.model = model_config('tiny')
 
@@ -109,3 +110,52 @@ def base_config() -> ml_collections.ConfigDict:
       fsdp=1,
   ))
   return config
+
+
+SOURCES = ('imagenet2012', 'folder', 'fashion_mnist')
+MODES = ('train', 'eval')
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Fails fast, before anything compiles, on impossible values; names field, value, fix."""
+  import jax  # local: configs stay importable without jax
+
+  from avit_jax import losses, models
+
+  def fail(field, value, allowed):
+    raise ValueError(f'config.{field}={value!r} is invalid: {allowed}')
+
+  if config.mode not in MODES:
+    fail('mode', config.mode, f'expected one of {MODES}')
+  if config.data.source not in SOURCES:
+    fail('data.source', config.data.source, f'expected one of {SOURCES}')
+  devices = jax.device_count() if device_count is None else device_count
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if not isinstance(value, int) or value <= 0:
+      fail(field, value, 'expected a positive integer')
+    if value % devices:
+      fail(field, value, f'must be divisible by the number of devices ({devices}); use a '
+                         f'multiple of {devices}')
+  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if config[field] <= 0:
+      fail(field, config[field], 'expected a positive integer')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    fail('num_epochs', config.num_epochs, 'expected > 0 (or num_train_steps > 0)')
+  if config.eval_every_steps < 0:
+    fail('eval_every_steps', config.eval_every_steps, 'expected >= 0 (0: once per epoch)')
+  models.model_kwargs(config.model)  # architecture checks (patch divides image, heads, dtype)
+  if config.model.gate_scale <= 0:
+    fail('model.gate_scale', config.model.gate_scale, 'expected > 0')
+  if not 0.0 < config.model.eps < 1.0:
+    fail('model.eps', config.model.eps, 'expected a value in (0, 1)')
+  if not 0.0 <= config.model.drop_path_rate < 1.0:
+    fail('model.drop_path_rate', config.model.drop_path_rate, 'expected a value in [0, 1)')
+  if config.model.halting:
+    losses.prior_target(config.model.depth, config.loss.prior_target_depth, config.loss.prior_std)
+  if config.optimizer.lr <= 0:
+    fail('optimizer.lr', config.optimizer.lr, 'expected > 0')
+  if not 0.0 <= config.optimizer.ema_decay < 1.0:
+    fail('optimizer.ema_decay', config.optimizer.ema_decay, 'expected a value in [0, 1)')
+  if config.mode == 'train' and config.init_from and not isinstance(config.init_from, str):
+    fail('init_from', config.init_from, 'expected a checkpoint directory path')

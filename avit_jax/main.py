@@ -1,0 +1,92 @@
+"""Command line: `python -m avit_jax.main --config configs/tiny.py --workdir DIR [--config.x=y]`.
+
+Parses flags, starts multi-host JAX when asked, and calls train.train_and_evaluate.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs and eval.json')
+_MODE = flags.DEFINE_enum('mode', None, ['train', 'eval'], 'overrides config.mode')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 for multi-host runs (jax.distributed)')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes (multi-host)')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process (multi-host)')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when flags or the environment (TPU pod, SLURM) say so."""
+  import jax
+
+  if _COORDINATOR.value:
+    if (_NUM_PROCESSES.value or 1) > 1 and jax.default_backend() == 'cpu':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
+                                      'JAX_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()
+
+
+def _check_override_names(argv: list[str]) -> None:
+  """A mistyped --config.field names the field and the nearest valid ones, before parsing."""
+  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_path is None and '--config' in argv:
+    config_path = argv[argv.index('--config') + 1]
+  if not config_path or not os.path.exists(config_path):
+    return
+  config = config_flags._LoadConfigModule('config', config_path.split(':')[0]).get_config()  # pylint: disable=protected-access
+  valid = set(_flat_names(config))
+  for arg in argv:
+    if arg.startswith('--config.'):
+      name = arg[len('--config.'):].split('=', 1)[0]
+      if name not in valid:
+        close = difflib.get_close_matches(name, sorted(valid), n=3, cutoff=0.5)
+        hint = f'; did you mean {", ".join(close)}?' if close else ''
+        sys.exit(f'error: unknown config field {name!r}{hint} (valid fields are listed in '
+                 f'{config_path}; see avit_jax/config_lib.py)')
+
+
+def _flat_names(config, prefix=''):
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if hasattr(value, 'items'):
+      yield from _flat_names(value, name + '.')
+    else:
+      yield name
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  _maybe_initialize_distributed()
+  import jax
+
+  from avit_jax import train
+
+  config = _CONFIG.value
+  if _MODE.value:
+    with config.unlocked():
+      config.mode = _MODE.value
+  logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.default_backend())
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
+def run() -> None:
+  _check_override_names(sys.argv)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

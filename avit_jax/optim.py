@@ -1,0 +1,47 @@
+"""DeiT optimizer: AdamW with weight decay masked off biases, norms, pos_embed and cls_token,
+lr scaled by global batch / 512, linear warmup from warmup_lr then cosine to min_lr."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+NO_DECAY_NAMES = ('pos_embed', 'cls_token')
+
+
+def scaled_lr(optimizer_config: ml_collections.ConfigDict, batch_size: int) -> float:
+  """Peak learning rate: base lr x global batch / 512 (DeiT's linear scaling rule)."""
+  return optimizer_config.lr * batch_size / 512.0
+
+
+def schedule(optimizer_config: ml_collections.ConfigDict, batch_size: int, total_steps: int,
+             steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup from warmup_lr to the scaled lr, then cosine decay to min_lr at total_steps."""
+  warmup = min(int(round(optimizer_config.warmup_epochs * steps_per_epoch)), total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=optimizer_config.warmup_lr, peak_value=scaled_lr(optimizer_config, batch_size),
+      warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      end_value=optimizer_config.min_lr)
+
+
+def _path_name(path) -> str:
+  return '.'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices and kernels, not biases, norms or embeddings."""
+  def decays(path, leaf):
+    name = _path_name(path)
+    return leaf.ndim >= 2 and not any(n in name.split('.') for n in NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optimizer_config: ml_collections.ConfigDict,
+                   lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+  c = optimizer_config
+  adamw = optax.adamw(lr_schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
+                      mask=decay_mask)
+  if c.grad_clip_norm and c.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), adamw)
+  return adamw

@@ -1,0 +1,105 @@
+"""The run directory: writable check, one run at a time, same config on resume, atomic JSON."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import tempfile
+
+import ml_collections
+
+CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'
+# Fields a resumed run may change without becoming a different experiment.
+RUN_CONTROL_FIELDS = frozenset({
+    'mode', 'num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
+    'checkpoint_every_steps', 'keep_checkpoints', 'eval_checkpoint', 'write_depth_maps',
+    'num_eval_images', 'eval_batch_size', 'skip_nonfinite_steps', 'init_from'})
+
+
+class WorkdirError(RuntimeError):
+  pass
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON atomically (temp file + rename): readers never see a half-written file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.json')
+  with os.fdopen(fd, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flat(v, name + '.'))
+    else:
+      out[name] = v
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Fields (dotted) whose values differ, ignoring run-control fields."""
+  a, b = _flat(saved), _flat(current)
+  names = sorted(set(a) | set(b))
+  return [f'{n}: workdir has {a.get(n, "<absent>")!r}, this run has {b.get(n, "<absent>")!r}'
+          for n in names if n.split('.')[0] not in RUN_CONTROL_FIELDS and a.get(n) != b.get(n)]
+
+
+class Workdir:
+  """Holds an exclusive lock on WORKDIR for the lifetime of a run (released on exit or crash)."""
+
+  def __init__(self, path: str, config: ml_collections.ConfigDict, *, is_chief: bool = True):
+    self.path = os.path.abspath(path)
+    try:
+      os.makedirs(self.path, exist_ok=True)
+      probe = os.path.join(self.path, '.write-test')
+      with open(probe, 'w') as f:
+        f.write('ok')
+      os.remove(probe)
+    except OSError as e:
+      raise WorkdirError(f'workdir {self.path} is not writable ({e.strerror}); choose a '
+                         'directory you can write to with --workdir') from e
+    self._lock = open(os.path.join(self.path, LOCK_FILE), 'a+')
+    try:
+      fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        self._lock.seek(0)
+        owner = self._lock.read().strip() or 'unknown'
+        self._lock.close()
+        raise WorkdirError(f'another run (pid {owner}) is using workdir {self.path}; wait for '
+                           'it to finish or use another --workdir') from e
+      raise
+    self._lock.seek(0)
+    self._lock.truncate()
+    self._lock.write(str(os.getpid()))
+    self._lock.flush()
+    self.config_path = os.path.join(self.path, CONFIG_FILE)
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(self.config_path) and os.path.isdir(os.path.join(self.path, 'checkpoints')):
+      with open(self.config_path) as f:
+        saved = json.load(f)
+      diffs = config_differences(saved, current)
+      if diffs:
+        self.close()
+        raise WorkdirError(f'workdir {self.path} holds a run with a different config:\n  '
+                           + '\n  '.join(diffs) + '\nuse a new --workdir, or the same config '
+                           'to resume that run')
+    if is_chief:
+      write_json(self.config_path, current)
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def close(self) -> None:
+    if self._lock and not self._lock.closed:
+      fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+      self._lock.close()
