@@ -1,0 +1,391 @@
+"""PyTorch / timm / Hugging Face ViT weights <-> avit_jax parameters, via one name table.
+
+  python -m avit_jax.convert --src deit_tiny_patch16_224-a1311bcf.pth --config configs/tiny.py \
+      --out ckpt/deit_tiny                       # then --config.init_from=ckpt/deit_tiny
+  python -m avit_jax.convert --to torch --src ckpt/deit_tiny --out deit_tiny.safetensors
+
+Sources: DeiT / A-ViT `.pth` ({'model': state_dict}), timm state dicts (`.pth`, `.bin`,
+`model.safetensors`) and Hugging Face ViT checkpoints (renamed to timm names first, q/k/v
+fused). A-ViT adds no parameters: its halting neuron is channel 0 of each block output, and
+the gate scale / centre come from config.model. Fine-tuning helpers as in timm: a head of
+another size is re-initialised, and the position embedding is resampled (bicubic over the
+patch grid, class token kept) when the image size differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import sys
+from typing import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from avit_jax import checkpoints, models
+from avit_jax.torch_io import (ConvertError, read_state_dict, unwrap_state_dict,
+                               write_safetensors)
+
+__all__ = ['ConvertError', 'from_torch', 'to_torch_state_dict', 'torch_to_params',
+           'hf_to_timm', 'resample_pos_embed', 'convert_file', 'export_file']
+
+# timm name (torch layout) -> avit_jax name, and how the array changes on the way.
+# 'same': copied; 'linear': torch [out, in] -> kernel [in, out];
+# 'conv': torch [D, C, p, p] (OIHW) -> kernel [p, p, C, D] (HWIO).
+TIMM_TABLE = (
+    ('cls_token', 'cls_token', 'same'),
+    ('pos_embed', 'pos_embed', 'same'),
+    ('patch_embed.proj.weight', 'patch_embed.proj.kernel', 'conv'),
+    ('patch_embed.proj.bias', 'patch_embed.proj.bias', 'same'),
+    ('blocks.{i}.norm1.weight', 'blocks.{i}.norm1.scale', 'same'),
+    ('blocks.{i}.norm1.bias', 'blocks.{i}.norm1.bias', 'same'),
+    ('blocks.{i}.attn.qkv.weight', 'blocks.{i}.attn.qkv.kernel', 'linear'),
+    ('blocks.{i}.attn.qkv.bias', 'blocks.{i}.attn.qkv.bias', 'same'),
+    ('blocks.{i}.attn.proj.weight', 'blocks.{i}.attn.proj.kernel', 'linear'),
+    ('blocks.{i}.attn.proj.bias', 'blocks.{i}.attn.proj.bias', 'same'),
+    ('blocks.{i}.norm2.weight', 'blocks.{i}.norm2.scale', 'same'),
+    ('blocks.{i}.norm2.bias', 'blocks.{i}.norm2.bias', 'same'),
+    ('blocks.{i}.mlp.fc1.weight', 'blocks.{i}.mlp.fc1.kernel', 'linear'),
+    ('blocks.{i}.mlp.fc1.bias', 'blocks.{i}.mlp.fc1.bias', 'same'),
+    ('blocks.{i}.mlp.fc2.weight', 'blocks.{i}.mlp.fc2.kernel', 'linear'),
+    ('blocks.{i}.mlp.fc2.bias', 'blocks.{i}.mlp.fc2.bias', 'same'),
+    ('norm.weight', 'norm.scale', 'same'),
+    ('norm.bias', 'norm.bias', 'same'),
+    ('head.weight', 'head.kernel', 'linear'),
+    ('head.bias', 'head.bias', 'same'),
+)
+_TO_JAX = {'same': lambda a: a, 'linear': lambda a: a.T,
+           'conv': lambda a: a.transpose(2, 3, 1, 0)}
+_TO_TORCH = {'same': lambda a: a, 'linear': lambda a: a.T,
+             'conv': lambda a: a.transpose(3, 2, 0, 1)}
+
+# Hugging Face name (after an optional 'vit.' / 'deit.' prefix) -> timm name. Both the
+# on-disk names of hub checkpoints (transformers 4) and transformers 5 module names.
+# q/k/v go to temporary names and are fused into attn.qkv in that order (timm's layout).
+HF_TABLE = (
+    ('embeddings.cls_token', 'cls_token'),
+    ('embeddings.position_embeddings', 'pos_embed'),
+    ('embeddings.distillation_token', 'dist_token'),
+    ('embeddings.patch_embeddings.projection.{p}', 'patch_embed.proj.{p}'),
+    ('encoder.layer.{i}.layernorm_before.{p}', 'blocks.{i}.norm1.{p}'),
+    ('encoder.layer.{i}.attention.attention.query.{p}', 'blocks.{i}.attn.q.{p}'),
+    ('encoder.layer.{i}.attention.attention.key.{p}', 'blocks.{i}.attn.k.{p}'),
+    ('encoder.layer.{i}.attention.attention.value.{p}', 'blocks.{i}.attn.v.{p}'),
+    ('encoder.layer.{i}.attention.output.dense.{p}', 'blocks.{i}.attn.proj.{p}'),
+    ('encoder.layer.{i}.layernorm_after.{p}', 'blocks.{i}.norm2.{p}'),
+    ('encoder.layer.{i}.intermediate.dense.{p}', 'blocks.{i}.mlp.fc1.{p}'),
+    ('encoder.layer.{i}.output.dense.{p}', 'blocks.{i}.mlp.fc2.{p}'),
+    ('layers.{i}.layernorm_before.{p}', 'blocks.{i}.norm1.{p}'),
+    ('layers.{i}.attention.q_proj.{p}', 'blocks.{i}.attn.q.{p}'),
+    ('layers.{i}.attention.k_proj.{p}', 'blocks.{i}.attn.k.{p}'),
+    ('layers.{i}.attention.v_proj.{p}', 'blocks.{i}.attn.v.{p}'),
+    ('layers.{i}.attention.o_proj.{p}', 'blocks.{i}.attn.proj.{p}'),
+    ('layers.{i}.layernorm_after.{p}', 'blocks.{i}.norm2.{p}'),
+    ('layers.{i}.mlp.fc1.{p}', 'blocks.{i}.mlp.fc1.{p}'),
+    ('layers.{i}.mlp.fc2.{p}', 'blocks.{i}.mlp.fc2.{p}'),
+    ('layernorm.{p}', 'norm.{p}'),
+    ('classifier.{p}', 'head.{p}'),
+    ('cls_classifier.{p}', 'head.{p}'),
+    ('distillation_classifier.{p}', 'head_dist.{p}'),
+)
+# HF modules DeiT / A-ViT do not have and that do not affect the logits.
+_HF_UNUSED = re.compile(r'pooler\.dense\.(weight|bias)')
+_DISTILLED = ('dist_token', 'head_dist.weight', 'head_dist.bias')
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(template: str) -> re.Pattern:
+  escaped = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{p\}',
+                                                                          r'(?P<p>weight|bias)')
+  return re.compile(escaped)
+
+
+def _rename(name: str, table, src: int, dst: int):
+  """(new name, row) for the first row whose column `src` matches `name`, else None."""
+  for row in table:
+    match = _pattern(row[src]).fullmatch(name)
+    if match:
+      return row[dst].format(**match.groupdict()), row
+  return None
+
+
+def hf_to_timm(state_dict: Mapping[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
+  """Hugging Face ViT names -> timm names (q/k/v fused into qkv).
+
+  Returns (timm state dict, {timm name: HF name(s)}, HF names that match no rule).
+  """
+  out, origin, unknown, parts = {}, {}, [], {}
+  for name, value in state_dict.items():
+    short = re.sub(r'^(vit|deit)\.', '', name)
+    if _HF_UNUSED.fullmatch(short):
+      logging.info('Ignoring %s: not part of DeiT / A-ViT (the head reads the class token).',
+                   name)
+      continue
+    renamed = _rename(short, HF_TABLE, 0, 1)
+    if renamed is None:
+      unknown.append(name)
+      continue
+    timm_name = renamed[0]
+    fused = re.fullmatch(r'blocks\.(\d+)\.attn\.([qkv])\.(weight|bias)', timm_name)
+    if fused:
+      i, which, leaf = fused.groups()
+      parts.setdefault(f'blocks.{i}.attn.qkv.{leaf}', {})[which] = (name, value)
+      continue
+    out[timm_name], origin[timm_name] = value, name
+  for timm_name, got in parts.items():
+    if set(got) != {'q', 'k', 'v'}:
+      names = ', '.join(n for n, _ in got.values())
+      raise ConvertError(f'{timm_name}: found only {names}; query, key and value are all '
+                         'needed to build the fused qkv projection')
+    out[timm_name] = np.concatenate([got[w][1] for w in 'qkv'], axis=0)
+    origin[timm_name] = re.sub(r'(query|q_proj)', '{q,k,v}', got['q'][0])
+  return out, origin, unknown
+
+
+def _is_hf(names) -> bool:
+  return any(re.match(r'(vit\.|deit\.)?(embeddings|encoder\.layer|layers)\.', n) for n in names)
+
+
+def _flat_params(model_or_params: nnx.Module | Mapping) -> dict[str, np.ndarray]:
+  if isinstance(model_or_params, Mapping):
+    params = model_or_params
+  else:
+    params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
+  return {k: np.asarray(v) for k, v in checkpoints.flatten(params).items()}
+
+
+def to_torch_state_dict(model_or_params: nnx.Module | Mapping) -> dict[str, np.ndarray]:
+  """avit_jax model (or its nested param dict) -> timm-named arrays in torch layouts."""
+  out, unknown = {}, []
+  for name, value in _flat_params(model_or_params).items():
+    renamed = _rename(name, TIMM_TABLE, 1, 0)
+    if renamed is None:
+      unknown.append(name)
+      continue
+    torch_name, row = renamed
+    out[torch_name] = np.ascontiguousarray(_TO_TORCH[row[2]](value), dtype=np.float32)
+  if unknown:
+    raise ConvertError(f'parameters with no timm name: {", ".join(sorted(unknown))}')
+  return out
+
+
+def resample_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
+  """float32[1, 1 + g*g, D] -> [1, 1 + grid*grid, D]: bicubic over the patch grid.
+
+  The class token's entry is kept as is. Matches timm's resample_abs_pos_embed (torch
+  bicubic, antialias=True, align_corners=False: the same a = -0.5 Keys kernel) up to
+  float32 rounding.
+  """
+  _, n, d = pos_embed.shape
+  old = math.isqrt(n - 1)
+  if old * old != n - 1:
+    raise ConvertError(f'pos_embed has {n} tokens: expected 1 class token plus a square '
+                       'grid of patches')
+  patches = pos_embed[0, 1:].reshape(old, old, d)
+  resized = jax.image.resize(patches, (grid, grid, d), method='bicubic', antialias=True)
+  resized = np.asarray(resized, np.float32).reshape(1, grid * grid, d)
+  return np.concatenate([pos_embed[:, :1], resized], axis=1)
+
+
+def _shape(a) -> tuple:
+  return tuple(np.shape(a))
+
+
+def _fine_tune(source: dict, expected: dict, model_config) -> dict:
+  """Re-initialised head / resampled pos_embed, in place in `source`. Returns what changed."""
+  changes = {}
+  head = source.get('head.weight')
+  if head is None and 'head.bias' not in source:
+    changes['head_reinitialized'] = f'none in checkpoint -> {model_config.num_classes}'
+  elif (head is not None and _shape(head) != _shape(expected['head.weight'])
+        and head.ndim == 2 and head.shape[1] == expected['head.weight'].shape[1]):
+    changes['head_reinitialized'] = f'{head.shape[0]} -> {model_config.num_classes}'
+    del source['head.weight']
+    source.pop('head.bias', None)
+  if 'head_reinitialized' in changes:
+    logging.warning('Checkpoint head classes %s (config.model.num_classes): re-initialising '
+                    'the head (truncated normal, std 0.02; zero bias).',
+                    changes['head_reinitialized'])
+  pos, want = source.get('pos_embed'), expected['pos_embed']
+  old = math.isqrt(pos.shape[1] - 1) if pos is not None and pos.ndim == 3 and pos.shape[1] else 0
+  # Only a square patch grid of the same width is resampled; anything else is a mismatch.
+  if (old and old * old == pos.shape[1] - 1 and pos.shape[-1] == want.shape[-1]
+      and _shape(pos) != _shape(want)):
+    grid = math.isqrt(want.shape[1] - 1)
+    source['pos_embed'] = resample_pos_embed(pos, grid)
+    changes['pos_embed_resampled'] = f'{old}x{old} -> {grid}x{grid}'
+    logging.warning('Resampled pos_embed from a %dx%d to a %dx%d patch grid (bicubic, class '
+                    'token kept) for image_size %d.', old, old, grid, grid,
+                    model_config.image_size)
+  return changes
+
+
+def _mismatch_error(what: str, source: dict, expected: dict, origin: dict, unknown_src: list,
+                    model_config, keep: set) -> ConvertError | None:
+  """Lists missing / unknown / mis-shaped names (both shapes); `keep` may be missing."""
+  def label(name):
+    return f'{name} (file: {origin[name]})' if origin.get(name, name) != name else name
+
+  missing = sorted(set(expected) - set(source) - keep)
+  unexpected = sorted(set(source) - set(expected))
+  mismatched = [f'{label(k)}: model {_shape(expected[k])} vs checkpoint {_shape(source[k])}'
+                for k in sorted(set(expected) & set(source))
+                if _shape(expected[k]) != _shape(source[k])]
+  if not (missing or unexpected or mismatched or unknown_src):
+    return None
+  c = model_config
+  lines = [f'{what} does not fit config.model (dim={c.dim}, depth={c.depth}, heads={c.heads}, '
+           f'patch={c.patch}, image_size={c.image_size}, num_classes={c.num_classes}); '
+           'names and shapes in timm / torch layout:']
+  if mismatched:
+    lines.append('  shape mismatches: ' + '; '.join(mismatched))
+  if missing:
+    lines.append('  missing from the checkpoint: ' + ', '.join(
+        f'{k} {_shape(expected[k])}' for k in missing))
+  if unexpected or unknown_src:
+    lines.append('  not in the model: ' + ', '.join(
+        [f'{label(k)} {_shape(source[k])}' for k in unexpected] + sorted(unknown_src)))
+  depths = {int(m.group(1)) for k in source for m in [re.match(r'blocks\.(\d+)\.', k)] if m}
+  dim = _shape(source['cls_token'])[-1] if 'cls_token' in source else None
+  if (depths and max(depths) + 1 != c.depth) or (dim and dim != c.dim):
+    lines.append(f'  hint: the checkpoint has depth {max(depths) + 1 if depths else "?"} and '
+                 f'width {dim}; choose the matching config or override, e.g. '
+                 f'--config.model.depth={max(depths) + 1 if depths else c.depth} '
+                 f'--config.model.dim={dim or c.dim}')
+  return ConvertError('\n'.join(lines))
+
+
+def torch_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping,
+                    model_config: ml_collections.ConfigDict,
+                    what: str = 'checkpoint') -> tuple[dict, dict]:
+  """timm / HF names -> nested params shaped like `template` (the model's pure param dict).
+
+  Entries of the template the source does not provide (a re-initialised head) are kept.
+  Returns (params, info) with info describing the source format and any fine-tune change.
+  """
+  source = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+  info = {'source_format': 'timm'}
+  origin, unknown_src = {}, []
+  if _is_hf(source):
+    source, origin, unknown_src = hf_to_timm(source)
+    info['source_format'] = 'huggingface'
+  distilled = [k for k in _DISTILLED if k in source]
+  if distilled:
+    raise ConvertError(
+        f'{what} is a distilled DeiT ({", ".join(distilled)}: it has a '
+        'second, distillation token and head). avit_jax models have a class token only: '
+        'convert the non-distilled weights (e.g. deit_tiny_patch16_224-a1311bcf.pth or '
+        'facebook/deit-tiny-patch16-224) instead.')
+  expected = to_torch_state_dict(template)
+  info.update(_fine_tune(source, expected, model_config))
+  keep = {'head.weight', 'head.bias'} if 'head_reinitialized' in info else set()
+  error = _mismatch_error(what, source, expected, origin, unknown_src, model_config, keep)
+  if error:
+    raise error
+  flat = {}
+  for torch_name, value in source.items():
+    jax_name, row = _rename(torch_name, TIMM_TABLE, 0, 1)
+    flat[jax_name] = np.ascontiguousarray(_TO_JAX[row[2]](value))
+
+  def pick(path, leaf):
+    name = '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    return flat.get(name, np.asarray(leaf, np.float32))
+
+  return jax.tree_util.tree_map_with_path(pick, dict(template)), info
+
+
+def _load_into(src, model_config, seed: int):
+  if isinstance(src, (str, os.PathLike)):
+    what = os.fspath(src)
+    state_dict = read_state_dict(what)
+  else:  # also accepts torch tensors and a training checkpoint dict {'model': ...}
+    what = 'state dict'
+    state_dict = unwrap_state_dict(src, what)
+  model = models.create(model_config, seed=seed)
+  template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params, info = torch_to_params(state_dict, template, model_config, what)
+  checkpoints.assign_params(model, params, what)
+  return model, params, info
+
+
+def from_torch(src: str | os.PathLike | Mapping[str, np.ndarray],
+               model_config: ml_collections.ConfigDict, *, seed: int = 0) -> models.AViT:
+  """PyTorch weights -> `AViT` built from `model_config`.
+
+  src: a .pth / .bin / .safetensors file, a Hugging Face model directory, or a mapping of
+  timm or HF names to arrays in torch layout. A re-initialised head uses `seed`.
+  The model comes back in eval mode (dropout, drop-path off); `model.train()` to fine-tune.
+  """
+  model = _load_into(src, model_config, seed)[0]
+  model.eval()
+  return model
+
+
+def convert_file(src: str, model_config: ml_collections.ConfigDict, out: str, *,
+                 force: bool = False, seed: int = 0) -> str:
+  """Writes an orbax parameter checkpoint (checkpoints.save_params) from a PyTorch file."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out) and not force:  # fail before the slow part
+    raise FileExistsError(f'{out} exists and is not empty; pass --force to replace it or '
+                          'choose another --out directory')
+  _, params, info = _load_into(src, model_config, seed)
+  metadata = {'model': checkpoints.metadata_json(model_config),
+              'source': os.path.abspath(src), 'converted_by': 'avit_jax.convert', **info}
+  return checkpoints.save_params(out, params, metadata, force=force)
+
+
+def export_file(src: str, out: str, *, force: bool = False) -> str:
+  """avit_jax checkpoint directory -> timm-named .safetensors (torch layouts, numpy only)."""
+  params, metadata = checkpoints.load_params(src)
+  meta = {'format': 'pt', 'source': os.path.abspath(src), 'converted_by': 'avit_jax.convert'}
+  if 'model' in metadata:
+    meta['avit_jax_model'] = metadata['model']
+  return write_safetensors(out, to_torch_state_dict(params), meta, force=force)
+
+
+def main(argv) -> None:
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; use --src, --out, --config')
+  f = flags.FLAGS
+  if not f.src or not f.out:
+    raise app.UsageError('--src and --out are required')
+  if f.to == 'jax' and f.config is None:
+    raise app.UsageError('--config is required to convert into avit_jax, e.g. '
+                         '--config configs/tiny.py (it fixes the model geometry)')
+  try:
+    if f.to == 'torch':
+      path = export_file(f.src, f.out, force=f.force)
+    else:
+      path = convert_file(f.src, f.config.model, f.out, force=f.force)
+  except (checkpoints.CheckpointError, FileExistsError) as e:
+    # The message says what is wrong and how to fix it; a traceback would only hide it.
+    sys.exit(f'error: {e}')
+  logging.info('Wrote %s', path)
+  print(f'Wrote {path}')
+
+
+def _define_flags() -> None:
+  # Only when run as a script: importing this module must not register global flags.
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_string('src', None, 'PyTorch file / HF model dir, or (--to torch) an avit_jax '
+                      'checkpoint directory.')
+  flags.DEFINE_string('out', None, 'Output checkpoint directory, or (--to torch) .safetensors.')
+  flags.DEFINE_enum('to', 'jax', ['jax', 'torch'], 'Direction of the conversion.')
+  flags.DEFINE_bool('force', False, 'Replace an existing --out.')
+  config_flags.DEFINE_config_file('config', None, 'Config file giving config.model '
+                                  '(--to jax only).', lock_config=True)
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=import-outside-toplevel
+  _define_flags()
+  app.run(main)
