@@ -150,14 +150,15 @@ class TrainCheckpoints:
            metrics: dict | None = None) -> None:
     """params / ema_params: nnx.State or nested dicts of arrays; opt_state: optax state."""
     to_pure = lambda s: nnx.to_pure_dict(s) if isinstance(s, nnx.State) else s
-    self.manager.save(step, args=ocp.args.Composite(**{
+    items = {
         PARAMS: ocp.args.StandardSave(to_pure(params)),
         METADATA: ocp.args.JsonSave(metadata),
         'opt_state': ocp.args.StandardSave(opt_state),
-        'ema_params': ocp.args.StandardSave(to_pure(ema_params if ema_params is not None
-                                                    else {})),
         'train': ocp.args.JsonSave(train),
-    }), metrics=metrics, force=True)
+    }
+    if ema_params is not None:
+      items['ema_params'] = ocp.args.StandardSave(to_pure(ema_params))
+    self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
   def restore(self, step: int, *, abstract_params, abstract_opt_state, abstract_ema=None):
     """Restores onto abstract pytrees (ShapeDtypeStructs carrying shardings).

@@ -84,14 +84,15 @@ def train_step(state: TrainState, batch: dict, *, graphs: Graphs, tx, lr_schedul
                                         config.model.num_classes, config.aug)
 
   def loss_fn(params):
-    model = nnx.merge(graphs.train, params, graphs.rest)
+    # Fresh copies of the RNG variables, so reseeding mutates only this trace's copies.
+    model = nnx.merge(graphs.train, params, jax.tree.map(jnp.asarray, graphs.rest))
     nnx.reseed(model, dropout=dropout_key)
     out = model(images)
     terms = loss_terms(out, targets, config, prior_target)
     return sum(terms.values()), (terms, out)
 
   (loss, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
@@ -193,11 +194,11 @@ class _Writer:
 class Trainer:
   """Everything a run holds: mesh, model halves, jitted steps, state and checkpoints."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     self.config = config
     self.workdir = workdir
     self.is_chief = jax.process_index() == 0
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     model = models.create(config.model, seed=config.seed)
     if config.init_from and config.mode == 'train':
       init_params_from(model, config)
@@ -238,7 +239,10 @@ class Trainer:
   # -- checkpoints -------------------------------------------------------------------------
 
   def save(self, metrics: dict | None = None) -> int:
+    """Checkpoints the current state (once per step; asynchronous)."""
     step = int(self.state.step)
+    if step in self.checkpoints.manager.all_steps():
+      return step
     s = self.state
     self.checkpoints.save(step, params=s.params, opt_state=s.opt_state, ema_params=s.ema_params,
                           train={'step': step, 'epoch': step / self.steps_per_epoch,
@@ -316,7 +320,9 @@ class Trainer:
           f'Last good checkpoint: {where}. Lower optimizer.lr, set optimizer.grad_clip_norm, '
           'or set skip_nonfinite_steps=True to skip such steps and count them.')
 
-  def train(self) -> dict:
+  def train(self, stop_at: int | None = None) -> dict:
+    """Trains to the configured number of steps (or only to `stop_at`, as an interrupted run
+    would), evaluating and checkpointing on schedule. Returns the last eval metrics."""
     config = self.config
     start = self.restore_latest()
     writer = _Writer(self.workdir, self.is_chief)
@@ -357,13 +363,11 @@ class Trainer:
         elif done % config.checkpoint_every_steps == 0:
           self.check_finite()
           self.save()
-        if preemption.requested:
+        if preemption.requested or done == stop_at:
           self.check_finite()
-          if not evaluate_now:
-            self.save()
+          self.save()
           self.checkpoints.wait()
-          logging.warning('stopped at step %d after SIGTERM; rerun the same command to resume',
-                          done)
+          logging.warning('stopped at step %d; rerun the same command to resume', done)
           return last_eval
       if start >= self.total_steps:
         logging.info('nothing to train: the workdir is already at step %d', start)
