@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     'numpy',
     'tensorflow-cpu>=2.21',
     'tensorflow-datasets>=4.9.10',
+    'importlib_resources',  # tfds imports it to build datasets (`tfds build imagenet2012`)
     'safetensors>=0.8',
     'tensorboardX>=2.6',
     'matplotlib>=3.11',

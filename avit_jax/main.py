@@ -6,6 +6,7 @@ Parses flags, starts multi-host JAX when asked, and calls train.train_and_evalua
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import sys
 
@@ -43,7 +44,11 @@ def _check_override_names(argv: list[str]) -> None:
     config_path = argv[argv.index('--config') + 1]
   if not config_path or not os.path.exists(config_path):
     return
-  config = config_flags._LoadConfigModule('config', config_path.split(':')[0]).get_config()  # pylint: disable=protected-access
+  path, _, arg = config_path.partition(':')
+  spec = importlib.util.spec_from_file_location('_avit_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
   valid = set(_flat_names(config))
   for arg in argv:
     if arg.startswith('--config.'):
@@ -64,7 +69,20 @@ def _flat_names(config, prefix=''):
       yield name
 
 
+class _QuietLibraries:
+  """Drops INFO chatter of orbax and tfds from the log (warnings and errors still pass)."""
+
+  NOISY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/')
+
+  def filter(self, record) -> bool:
+    import logging as std_logging
+
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in self.NOISY)
+
+
 def main(argv) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   _maybe_initialize_distributed()
