@@ -392,7 +392,9 @@ class Trainer:
     real = first['mask'] > 0
     files = visualize.write_run_figures(
         model, np.asarray(first['images'])[real][:count], np.asarray(first['labels'])[real][:count],
-        os.path.join(self.workdir, 'figures'), mean=self.config.data.mean, std=self.config.data.std)
+        os.path.join(self.workdir, 'figures'), mean=self.config.data.mean, std=self.config.data.std,
+        class_names=visualize.CLASS_NAMES.get(self.config.data.source),
+        loss_config=self.config.loss.to_dict())
     logging.info('wrote %d figures under %s', len(files), os.path.join(self.workdir, 'figures'))
     return files
 
