@@ -1,0 +1,146 @@
+"""Inference modes: compact (real token removal) gives the masked model's answers; compiles bounded."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from avit_jax import config_lib, inference, models
+
+DEPTH = 4
+
+
+def small_config(**overrides) -> ml_collections.ConfigDict:
+  c = config_lib.model_config('tiny')
+  c.update(dict(image_size=32, patch=4, dim=64, depth=DEPTH, heads=4, num_classes=10,
+                drop_path_rate=0.1, gate_scale=10.0, gate_center=5.0))
+  c.update(overrides)
+  return c
+
+
+def varied_model(seed: int, shift: float = 0.3, spread: float = 20.0, **overrides):
+  """Random weights whose halting neuron (channel 0) varies by token: depths spread over 1..L."""
+  model = models.create(small_config(**overrides), seed=seed)
+  for block in model.blocks:
+    block.mlp.fc2.bias[...] = block.mlp.fc2.bias[...].at[0].add(shift)
+    block.mlp.fc2.kernel[...] = block.mlp.fc2.kernel[...].at[:, 0].multiply(spread)
+  return model
+
+
+def images(batch: int, seed: int = 0) -> jax.Array:
+  return jax.random.normal(jax.random.key(100 + seed), (batch, 32, 32, 3), jnp.float32)
+
+
+def assert_same_answers(reference, out):
+  np.testing.assert_allclose(out.logits, reference.logits, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(out.token_depth, reference.token_depth)
+  np.testing.assert_allclose(out.ponder, reference.ponder, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('seed,batch', [
+    (0, 1), (2, 8),
+    pytest.param(1, 3, marks=pytest.mark.slow), pytest.param(3, 8, marks=pytest.mark.slow)])
+def test_compact_matches_masked(seed, batch):
+  model = varied_model(seed)
+  x = images(batch, seed)
+  masked = inference.make_predict_fn(model, 'masked', chunk_size=4)(x)
+  compact = inference.make_predict_fn(model, 'compact', chunk_size=4, token_buckets=4,
+                                      query_buckets=2)(x)
+  # The halting really varies: several depths, and tokens of one image halt at different layers.
+  depths = np.asarray(masked.token_depth)
+  assert len(np.unique(depths)) >= 3
+  assert (depths.std(axis=1) > 0).all()
+  assert_same_answers(masked, compact)
+  # Scores of the layers each token ran are the masked model's; later ones are reported as 0.
+  ran = np.arange(DEPTH)[None, :, None] < depths[:, None, :]
+  np.testing.assert_allclose(compact.halting_scores,
+                             np.where(ran, masked.halting_scores, 0.0), atol=1e-5)
+  # Eval mode: the same as the module called directly after model.eval().
+  model.eval()
+  np.testing.assert_allclose(model(x).logits, masked.logits, atol=1e-5)
+
+
+def test_one_image_halts_at_once_and_another_never():
+  model = varied_model(0, shift=0.0, spread=1.0)
+  # Channel 0 of every patch embedding = 100 * the sum of the patch's pixels, so a bright
+  # image halts every token at layer 1 and a dark one runs all layers; class tokens halt at
+  # layer 1 everywhere, so the dark image's patches run on after its class token stopped.
+  kernel = model.patch_embed.proj.kernel[...]
+  model.patch_embed.proj.kernel[...] = kernel.at[..., 0].set(100.0)
+  model.cls_token[...] = model.cls_token[...].at[..., 0].set(100.0)
+  x = jnp.stack([jnp.ones((32, 32, 3)), -jnp.ones((32, 32, 3)), images(1, 7)[0]])
+  masked = inference.make_predict_fn(model, 'masked')(x)
+  compact = inference.make_predict_fn(model, 'compact')(x)
+  depths = np.asarray(masked.token_depth)
+  np.testing.assert_array_equal(depths[0], 1.0)
+  assert depths[1, 0] == 1 and (depths[1, 1:] == DEPTH).all()
+  assert_same_answers(masked, compact)
+
+
+def test_no_halting_equals_dense():
+  """beta huge: no score crosses before the last layer, so every mode is plain DeiT."""
+  model = models.create(small_config(gate_center=1e4), seed=5)
+  x = images(4, 1)
+  dense = inference.make_predict_fn(model, 'dense')(x)
+  for mode in ('masked', 'compact'):
+    out = inference.make_predict_fn(model, mode)(x)
+    np.testing.assert_allclose(out.logits, dense.logits, atol=1e-4)
+    np.testing.assert_array_equal(out.token_depth, DEPTH)
+  deit = models.create(small_config(halting=False), seed=5)  # same parameters, no halting
+  deit.eval()
+  np.testing.assert_allclose(deit(x).logits, dense.logits, atol=1e-5)
+  np.testing.assert_array_equal(dense.token_depth, DEPTH)
+
+
+def test_chunking_does_not_change_answers():
+  model = varied_model(4)
+  x = images(8, 3)
+  whole = inference.make_predict_fn(model, 'masked', chunk_size=0)(x)
+  chunked = inference.make_predict_fn(model, 'masked', chunk_size=2)(x)
+  np.testing.assert_allclose(chunked.logits, whole.logits, atol=1e-5)
+  np.testing.assert_array_equal(chunked.token_depth, whole.token_depth)
+  np.testing.assert_allclose(chunked.halting_mean, whole.halting_mean, atol=1e-6)
+  dense_whole = inference.make_predict_fn(model, 'dense', chunk_size=0)(x)
+  dense_chunked = inference.make_predict_fn(model, 'dense', chunk_size=4)(x)
+  np.testing.assert_allclose(dense_chunked.logits, dense_whole.logits, atol=1e-5)
+
+
+def test_compiles_bounded_and_not_again_for_same_shape():
+  model = varied_model(6, image_size=16)
+  token_buckets, query_buckets = 4, 2
+  predict = inference.make_predict_fn(model, 'compact', chunk_size=0,
+                                      token_buckets=token_buckets, query_buckets=query_buckets)
+  for seed in range(4):
+    predict(jax.random.normal(jax.random.key(seed), (5, 16, 16, 3)))
+  assert 1 <= predict.compiled_count() <= token_buckets * query_buckets
+  # Same shape (and, for compact, same halting): nothing new compiles, in any mode.
+  x = jax.random.normal(jax.random.key(0), (5, 16, 16, 3))
+  masked = inference.make_predict_fn(model, 'masked')
+  dense = inference.make_predict_fn(model, 'dense')
+  masked(x), dense(x)
+  counts = (predict.compiled_count(), masked.compiled_count(), dense.compiled_count())
+  predict(x)
+  masked(x + 1.0)
+  dense(x + 1.0)
+  assert (predict.compiled_count(), masked.compiled_count(), dense.compiled_count()) == counts
+  assert counts[1:] == (1, 1)
+  # New parameters, no new programs, new answers.
+  other = varied_model(7, image_size=16)
+  masked.set_params(other)
+  predict.set_params(other)
+  expected = inference.make_predict_fn(other, 'masked')(x)
+  np.testing.assert_allclose(masked(x).logits, expected.logits, atol=1e-6)
+  assert_same_answers(expected, predict(x))
+  assert masked.compiled_count() == 1
+
+
+def test_bad_arguments():
+  model = varied_model(0)
+  with pytest.raises(ValueError, match='mode must be one of'):
+    inference.make_predict_fn(model, 'sparse')
+  deit = models.create(small_config(halting=False), seed=0)
+  with pytest.raises(ValueError, match='halting on'):
+    inference.make_predict_fn(deit, 'compact')
+  with pytest.raises(ValueError, match=r'expected images of shape \[B, 32, 32, 3\]'):
+    inference.make_predict_fn(model, 'compact')(jnp.zeros((2, 28, 28, 3)))
