@@ -1,4 +1,9 @@
-"""Embedded default: A-ViT on Fashion-MNIST (28x28, patch 4) that trains on 2 CPU cores in minutes."""
+"""Embedded default: A-ViT on Fashion-MNIST (28x28, patch 7) that trains on 2 CPU cores in minutes.
+
+Patch 7 (a 4x4 grid, 17 tokens) rather than 4 (7x7, 50 tokens): on 2 CPU cores a ViT learns
+Fashion-MNIST far faster per second with fewer, wider tokens (measured: 86.5% after 3
+epochs at patch 7 / width 64 against 77% at patch 4 / width 48 in the same wall time).
+"""
 
 
 from avit_jax import config_lib
@@ -7,12 +12,12 @@ from avit_jax import config_lib
 def get_config(arg=None):
   del arg
   config = config_lib.base_config()
-  config.model.variant = 'avit_fmnist_patch4_28'
+  config.model.variant = 'avit_fmnist_patch7_28'
   config.model.image_size = 28
-  config.model.patch = 4
-  config.model.dim = 48
+  config.model.patch = 7
+  config.model.dim = 64
   config.model.depth = 6
-  config.model.heads = 3
+  config.model.heads = 4
   config.model.num_classes = 10
   config.model.drop_path_rate = 0.0
   config.model.gate_scale = 10.0
@@ -27,10 +32,10 @@ def get_config(arg=None):
   config.data.cache = True
   config.data.crop_pct = 1.0  # eval sees the 28x28 image as training does
 
-  # Light recipe: small shifts and flips, no RandAugment / erasing / mixup.
+  # A few epochs do not overfit: no geometric augmentation, RandAugment, erasing or mixup.
   config.aug.random_resized_crop = False
-  config.aug.pad_and_crop = 2
-  config.aug.hflip = True
+  config.aug.pad_and_crop = 0
+  config.aug.hflip = False
   config.aug.randaug = ''
   config.aug.erase_p = 0.0
   config.aug.mixup = 0.0
@@ -44,8 +49,8 @@ def get_config(arg=None):
 
   config.batch_size = 128
   config.eval_batch_size = 500
-  config.num_epochs = 2
-  config.optimizer.lr = 4e-3  # x 128/512: peak 1e-3
+  config.num_epochs = 4
+  config.optimizer.lr = 8e-3  # x 128/512: peak 2e-3
   config.optimizer.warmup_epochs = 0.2
   config.optimizer.weight_decay = 0.05
   config.log_every_steps = 50
