@@ -130,22 +130,6 @@ class _Results:
   scores: jax.Array
 
 
-def _attend(attn, qkv: jax.Array, key_mask: jax.Array) -> jax.Array:
-  """Attention of vit.Attention between qkv projection and output projection.
-
-  qkv: [B, n, 3D] (the output of attn.qkv); key_mask: bool [B, n]. Returns [B, n, D].
-  Mirrors vit.Attention.__call__ line by line (same scale, masking value and softmax dtype).
-  """
-  b, n, d3 = qkv.shape
-  d = d3 // 3
-  qkv = qkv.reshape(b, n, 3, attn.heads, d // attn.heads)
-  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q * attn.scale, k)
-  logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, d)
-
-
 def _segments(image: jax.Array, active: jax.Array, batch: int):
   """Per image: running-token count [B] and first row [B]; per row: position in its image."""
   counts = jax.ops.segment_sum(active.astype(jnp.int32), image, num_segments=batch)
@@ -191,7 +175,7 @@ def _compact_layer(block, halting_consts, depth, batch, n_pad, layer, packed: _P
   key_mask = slot[None, :] < counts[:, None]  # [B, n_pad]
   rows = jnp.minimum(starts[:, None] + slot[None, :], x.shape[0] - 1)
   padded = jnp.where(key_mask[..., None], qkv[rows], 0)  # gather: [B, n_pad, 3D]
-  attended = _attend(block.attn, padded, key_mask)
+  attended = block.attn.attend(padded, key_mask)
   attended = attended[jnp.minimum(image, batch - 1), jnp.clip(position, 0, n_pad - 1)]
   x = x + block.attn.proj(attended * mx)
   x = x + block.mlp(block.norm2(x * mx) * mx)

@@ -59,8 +59,17 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     """x: [B, N, D]; key_mask: bool/float [B, N], 0 removes that token as a key."""
-    b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
+    return self.proj_drop(self.proj(self.attend(self.qkv(x), key_mask)))
+
+  def attend(self, qkv: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    """The attention between the qkv and output projections: qkv [B, N, 3D] -> [B, N, D].
+
+    Separate so that token-packed inference (inference.py) runs qkv / proj on packed rows
+    and only this part per image.
+    """
+    b, n, d3 = qkv.shape
+    d = d3 // 3
+    qkv = qkv.reshape(b, n, 3, self.heads, d // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, h, Dh]
     logits = jnp.einsum('bqhd,bkhd->bhqk', q * self.scale, k)
     if key_mask is not None:
@@ -69,8 +78,7 @@ class Attention(nnx.Module):
       logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     weights = self.attn_drop(weights)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, d)
-    return self.proj_drop(self.proj(out))
+    return jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, d)
 
 
 class Mlp(nnx.Module):
