@@ -141,7 +141,7 @@ def test_eval_only_matches_training_eval(trained):
   np.testing.assert_allclose(again['mean_token_depth'], metrics['mean_token_depth'], rtol=1e-6)
 
 
-def test_eight_devices_match_one_device(fashion_mnist_dir, tmp_path):
+def test_eight_devices_and_fsdp_match_one_device(fashion_mnist_dir, tmp_path):
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 fake CPU devices'
   # Adam with eps 1e-8 maps a near-zero gradient's rounding noise to a +-lr step (the key
   # bias's gradient is exactly zero in exact arithmetic); eps 1e-3 keeps the update a smooth
@@ -151,17 +151,25 @@ def test_eight_devices_match_one_device(fashion_mnist_dir, tmp_path):
   batches = [{'images': rng.normal(size=(32, 28, 28, 3)).astype(np.float32),
               'labels': rng.integers(0, 10, size=32).astype(np.int32)} for _ in range(3)]
   results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    trainer = train.Trainer(config, str(tmp_path / str(len(devices))), devices=devices)
+  for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 1), (jax.devices(), 2)):
+    config.mesh.fsdp = fsdp
+    trainer = train.Trainer(config, str(tmp_path / f'{len(devices)}-{fsdp}'), devices=devices)
     losses = []
     for batch in batches:
       trainer.state, metrics = trainer.train_step(trainer.state,
                                                   sharding.global_batch(batch, trainer.mesh))
       losses.append(float(metrics['loss']))
     assert trainer.train_step._cache_size() == 1  # compiled once
+    if fsdp > 1:  # parameters really are split: a [D, 3D] kernel lives in halves
+      qkv = trainer.state.params['blocks'][0]['attn']['qkv']['kernel']
+      assert qkv[...].sharding.shard_shape(qkv[...].shape) == (32, 48)
     trainer.checkpoints.close()
     results.append((losses, _params(trainer)))
-  (loss1, params1), (loss8, params8) = results
+  (loss1, params1), (loss8, params8), (loss_fsdp, params_fsdp) = results
+  np.testing.assert_allclose(loss_fsdp, loss1, rtol=1e-5)
+  for name, value in checkpoints.flatten(params1).items():
+    np.testing.assert_allclose(checkpoints.flatten(params_fsdp)[name], value, rtol=1e-5,
+                               atol=1e-5 * np.abs(value).max(), err_msg=name)
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   flat8, flat1 = checkpoints.flatten(params8), checkpoints.flatten(params1)
   for name in flat1:
