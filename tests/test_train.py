@@ -175,3 +175,20 @@ def test_eight_devices_and_fsdp_match_one_device(fashion_mnist_dir, tmp_path):
   for name in flat1:
     a, b = flat8[name], flat1[name]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)
+
+
+def test_ema_of_parameters_matches_hand_recursion(fashion_mnist_dir, tmp_path):
+  config = tiny_config(**{'data.data_dir': fashion_mnist_dir, 'optimizer.ema_decay': 0.9})
+  trainer = train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+  rng = np.random.default_rng(1)
+  expected = checkpoints.flatten(_params(trainer))
+  for _ in range(2):
+    batch = {'images': rng.normal(size=(32, 28, 28, 3)).astype(np.float32),
+             'labels': rng.integers(0, 10, size=32).astype(np.int32)}
+    trainer.state, _ = trainer.train_step(trainer.state, sharding.global_batch(batch, trainer.mesh))
+    params = checkpoints.flatten(_params(trainer))
+    expected = {k: 0.9 * expected[k] + 0.1 * params[k] for k in params}
+  ema = checkpoints.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state.ema_params)))
+  for name in expected:
+    np.testing.assert_allclose(ema[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  trainer.checkpoints.close()
