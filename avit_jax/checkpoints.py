@@ -100,7 +100,30 @@ def check_compatible(expected: dict, found: dict, what: str) -> None:
       lines.append('  missing from the checkpoint: ' + ', '.join(missing))
     if unexpected:
       lines.append('  not in the model: ' + ', '.join(unexpected))
+    want_geometry, have_geometry = _geometry(want), _geometry(have)
+    differ = [k for k in want_geometry if have_geometry.get(k) not in (None, want_geometry[k])]
+    if differ:
+      lines.append('  hint: the checkpoint has ' + ', '.join(
+          f'{k} {have_geometry[k]}' for k in differ) + ' but the model has ' + ', '.join(
+              f'{k} {want_geometry[k]}' for k in differ) + '; choose the matching config or '
+          'override, e.g. ' + ' '.join(f'--config.model.{k}={have_geometry[k]}' for k in differ))
     raise CheckpointError('\n'.join(lines))
+
+
+def _geometry(flat: dict) -> dict:
+  """Architecture read off parameter shapes (flat timm-style names): depth, dim, patch,
+  num_classes; a long list of shape mismatches usually comes down to one of these."""
+  geometry = {}
+  blocks = {int(k.split('.')[1]) for k in flat if k.startswith('blocks.')}
+  if blocks:
+    geometry['depth'] = max(blocks) + 1
+  if 'cls_token' in flat:
+    geometry['dim'] = int(np.shape(flat['cls_token'])[-1])
+  if 'patch_embed.proj.kernel' in flat:
+    geometry['patch'] = int(np.shape(flat['patch_embed.proj.kernel'])[0])
+  if 'head.kernel' in flat:
+    geometry['num_classes'] = int(np.shape(flat['head.kernel'])[-1])
+  return geometry
 
 
 def metadata_json(model_config) -> dict:

@@ -125,6 +125,7 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
   def fail(field, value, allowed):
     raise ValueError(f'config.{field}={value!r} is invalid: {allowed}')
 
+  _check_types(config, base_config(), fail)
   if config.mode not in MODES:
     fail('mode', config.mode, f'expected one of {MODES}')
   if config.data.source not in SOURCES:
@@ -159,3 +160,30 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     fail('optimizer.ema_decay', config.optimizer.ema_decay, 'expected a value in [0, 1)')
   if config.mode == 'train' and config.init_from and not isinstance(config.init_from, str):
     fail('init_from', config.init_from, 'expected a checkpoint directory path')
+
+
+_TYPE_NAMES = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string',
+               tuple: 'a list of values'}
+
+
+def _check_types(config, reference, fail, prefix: str = '') -> None:
+  """Each field has the type of its base_config() default (a config built from a plain
+  dict is not type-checked by ConfigDict; an int is accepted where a float is expected)."""
+  for key, default in reference.items():
+    if key not in config:
+      continue
+    value, name = config[key], f'{prefix}{key}'
+    if isinstance(default, ml_collections.ConfigDict):
+      if not hasattr(value, 'items'):
+        fail(name, value, 'expected a group of fields')
+      _check_types(value, default, fail, name + '.')
+      continue
+    kind = type(default)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          tuple: lambda v: isinstance(v, (tuple, list))}.get(kind, lambda v: True)
+    if not ok(value):
+      fail(name, value, f'expected {_TYPE_NAMES[kind]} ({kind.__name__}), got '
+                        f'{type(value).__name__}')

@@ -22,6 +22,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes (multi-host)')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process (multi-host)')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Exit status after SIGTERM (128 + 15, as if killed by it): the run is unfinished, so
+# `main ... && next_step` does not go on; rerun the same command to resume.
+EXIT_PREEMPTED = 143
 
 
 def _maybe_initialize_distributed() -> None:
@@ -88,16 +91,29 @@ def main(argv) -> None:
   _maybe_initialize_distributed()
   import jax
 
-  from avit_jax import train
+  from avit_jax import checkpoints, config_lib, train, workdir
 
   config = _CONFIG.value
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
+  try:  # Config mistakes: one line naming field, value and fix, before anything compiles.
+    config_lib.validate(config)
+  except (ValueError, TypeError) as e:
+    sys.exit(f'error: {e}')
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
-  train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(EXIT_PREEMPTED)
+  except (workdir.WorkdirError, checkpoints.CheckpointError, train.NonFiniteLossError) as e:
+    # The user's to fix (see the message; conversion errors are CheckpointErrors); a
+    # traceback would only hide it.
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
 
 
 def run() -> None:

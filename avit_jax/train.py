@@ -35,6 +35,10 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+class Preempted(RuntimeError):
+  """SIGTERM stopped training after a checkpoint was written; rerun the command to resume."""
+
+
 @struct.dataclass
 class TrainState:
   step: jax.Array          # int32 []
@@ -135,7 +139,11 @@ def init_params_from(model, config: ml_collections.ConfigDict) -> None:
   from avit_jax import convert
 
   params, _ = checkpoints.load_params(config.init_from)
-  source = convert.from_torch(convert.to_torch_state_dict(params), config.model, seed=config.seed)
+  try:
+    source = convert.from_torch(convert.to_torch_state_dict(params), config.model,
+                                seed=config.seed)
+  except convert.ConvertError as e:  # say which file: the message lists only names
+    raise convert.ConvertError(f'config.init_from={config.init_from!r}: {e}') from None
   checkpoints.assign_params(model, nnx.to_pure_dict(nnx.state(source, nnx.Param)),
                             f'init_from checkpoint {config.init_from}')
   logging.info('initialised parameters from %s', config.init_from)
@@ -208,7 +216,7 @@ class Trainer:
     self.lr_schedule = optim.schedule(config.optimizer, config.batch_size, self.total_steps,
                                       self.steps_per_epoch)
     self.tx = optim.make_optimizer(config.optimizer, self.lr_schedule)
-    ema = params if config.optimizer.ema_decay > 0 else None
+    ema = jax.tree.map(jnp.copy, params) if config.optimizer.ema_decay > 0 else None
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=self.tx.init(params), ema_params=ema,
                        nonfinite_steps=jnp.zeros((), jnp.int32),
@@ -229,6 +237,7 @@ class Trainer:
                              in_shardings=(self.state_shardings.params, batch_sharding),
                              out_shardings=sharding.replicated(self.mesh))
     self.checkpoints = checkpoints.TrainCheckpoints(workdir, keep=config.keep_checkpoints)
+    self._reported_nonfinite = 0
 
   def _shardings(self, state: TrainState):
     tree = sharding.tree_shardings(self.mesh, state)
@@ -246,7 +255,8 @@ class Trainer:
     s = self.state
     self.checkpoints.save(step, params=s.params, opt_state=s.opt_state, ema_params=s.ema_params,
                           train={'step': step, 'epoch': step / self.steps_per_epoch,
-                                 'seed': self.config.seed, 'data_position': step},
+                                 'seed': self.config.seed, 'data_position': step,
+                                 'nonfinite_steps': int(s.nonfinite_steps)},
                           metadata=metadata(self.config),
                           metrics={'top1': metrics['top1']} if metrics else None)
     return step
@@ -269,9 +279,13 @@ class Trainer:
     if ema is not None:
       ema_state = jax.tree.map(lambda x: x, self.state.ema_params)
       nnx.replace_by_pure_dict(ema_state, ema)
+    # The skipped-step count carries over, so skip_nonfinite_steps counts over the whole run.
     self.state = self.state.replace(step=jnp.asarray(train['step'], jnp.int32),
                                     params=state_params, opt_state=opt_state,
-                                    ema_params=ema_state)
+                                    ema_params=ema_state,
+                                    nonfinite_steps=jnp.asarray(train.get('nonfinite_steps', 0),
+                                                                jnp.int32))
+    self._reported_nonfinite = int(train.get('nonfinite_steps', 0))
     logging.info('resumed from %s', self.checkpoints.step_dir(step))
     return int(train['step'])
 
@@ -308,17 +322,25 @@ class Trainer:
   # -- loop --------------------------------------------------------------------------------
 
   def check_finite(self) -> None:
+    """Raises NonFiniteLossError after a non-finite step (or, with skip_nonfinite_steps, logs
+    the running count of skipped steps)."""
     bad = int(self.state.nonfinite_steps)
+    if bad > self._reported_nonfinite and self.config.skip_nonfinite_steps:
+      logging.warning('skipped %d non-finite step(s) so far (skip_nonfinite_steps=True); the '
+                      'first in this run was step %d', bad, int(self.state.first_nonfinite))
+      self._reported_nonfinite = bad
     if bad and not self.config.skip_nonfinite_steps:
       step = int(self.state.first_nonfinite)
       ce, ponder, prior = (float(v) for v in np.asarray(self.state.nonfinite_terms))
       last = self.checkpoints.latest_step()
       where = self.checkpoints.step_dir(last) if last is not None else 'none written yet'
       raise NonFiniteLossError(
-          f'non-finite loss or gradient at step {step} (ce={ce}, ponder={ponder}, '
-          f'prior={prior}); the step was not applied and no checkpoint was written from it. '
-          f'Last good checkpoint: {where}. Lower optimizer.lr, set optimizer.grad_clip_norm, '
-          'or set skip_nonfinite_steps=True to skip such steps and count them.')
+          f'non-finite loss or gradient at step {step} (ce={ce:.6g}, ponder={ponder:.6g}, '
+          f'prior={prior:.6g}); the step was not applied and no checkpoint was written from it. '
+          f'Last good checkpoint: {where}. Rerun with --config.skip_nonfinite_steps=True to '
+          'skip such steps and count them (same workdir), or lower optimizer.lr / set '
+          'optimizer.grad_clip_norm in a new --workdir (--config.init_from=<a checkpoint> starts '
+          'from its parameters).')
 
   def train(self, stop_at: int | None = None) -> dict:
     """Trains to the configured number of steps (or only to `stop_at`, as an interrupted run
@@ -346,7 +368,8 @@ class Trainer:
           rate = (done - tick_step) * config.batch_size / (now - tick)
           eta = (self.total_steps - done) * config.batch_size / rate
           writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()} |
-                         {'train/images_per_second': rate})
+                         {'train/images_per_second': rate,
+                          'train/nonfinite_steps': self._reported_nonfinite})
           logging.info('step %d/%d epoch %.2f | loss %.4f (ce %.4f ponder %.5f prior %.5f) | '
                        'depth %.2f compute %.0f%% | lr %.2e | %.0f img/s | ETA %s', done,
                        self.total_steps, done / self.steps_per_epoch, metrics['loss'],
@@ -368,14 +391,19 @@ class Trainer:
           self.save()
           self.checkpoints.wait()
           logging.warning('stopped at step %d; rerun the same command to resume', done)
+          if preemption.requested:
+            raise Preempted(f'SIGTERM: stopped at step {done} after writing checkpoint '
+                            f'{self.checkpoints.step_dir(done)}; rerun the same command to '
+                            'resume')
           return last_eval
       if start >= self.total_steps:
         logging.info('nothing to train: the workdir is already at step %d', start)
         last_eval = self.evaluate()
         self.write_eval(last_eval, writer)
     finally:
-      preemption.restore()
+      # Wait for the last save while SIGTERM is still only a flag: a kill now would waste it.
       self.checkpoints.wait()
+      preemption.restore()
       writer.close()
     logging.info('trained %d steps in %.1f s', self.total_steps - start,
                  time.perf_counter() - run_start)

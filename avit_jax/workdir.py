@@ -53,6 +53,12 @@ def config_differences(saved: dict, current: dict) -> list[str]:
           for n in names if n.split('.')[0] not in RUN_CONTROL_FIELDS and a.get(n) != b.get(n)]
 
 
+def _has_checkpoint(directory: str) -> bool:
+  """Whether a finished checkpoint step (a numbered directory) exists: a run that stopped
+  before its first checkpoint has nothing a different config could mix with."""
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 class Workdir:
   """Holds an exclusive lock on WORKDIR for the lifetime of a run (released on exit or crash)."""
 
@@ -84,7 +90,7 @@ class Workdir:
     self._lock.flush()
     self.config_path = os.path.join(self.path, CONFIG_FILE)
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(self.config_path) and os.path.isdir(os.path.join(self.path, 'checkpoints')):
+    if os.path.exists(self.config_path) and _has_checkpoint(os.path.join(self.path, 'checkpoints')):
       with open(self.config_path) as f:
         saved = json.load(f)
       diffs = config_differences(saved, current)

@@ -1,0 +1,353 @@
+"""Bad input, each with its exact error: config typos, types and impossible values (before any
+compilation), unusable or busy workdirs, checkpoints of another architecture, data faults not
+covered by tests/test_input_pipeline.py, and model inputs that are NaN or of the wrong kind.
+"""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from avit_jax import (checkpoints, config_lib, data_sources, inference, input_pipeline, main,
+                      models, train)
+from avit_jax.workdir import Workdir, WorkdirError
+from configs import fashion_mnist
+from tests.test_input_pipeline import _config as data_config
+from tests.test_input_pipeline import _pixels
+from tests.test_train import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist.py')
+
+
+def _cli(tmp_path, *flags):
+  """`python -m avit_jax.main` with the default config: (exit status, output)."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(
+      [sys.executable, '-m', 'avit_jax.main', '--config', CONFIG_FILE, '--workdir',
+       str(tmp_path / 'wd'), *flags], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=300)
+  return result.returncode, result.stdout + result.stderr
+
+
+# -- config -------------------------------------------------------------------------------
+
+
+def test_typo_names_the_nearest_fields():
+  with pytest.raises(SystemExit) as e:
+    main._check_override_names(['main', '--config', CONFIG_FILE, '--config.optimizer.lrr=1e-3'])
+  assert str(e.value) == (
+      "error: unknown config field 'optimizer.lrr'; did you mean optimizer.lr, optimizer.min_lr, "
+      f'optimizer.b2? (valid fields are listed in {CONFIG_FILE}; see avit_jax/config_lib.py)')
+  with pytest.raises(SystemExit, match=r"'modle.dim'; did you mean model.dim, mode, model.heads"):
+    main._check_override_names(['main', f'--config={CONFIG_FILE}', '--config.modle.dim=3'])
+  main._check_override_names(['main', '--config', CONFIG_FILE, '--config.model.dim=3'])  # valid
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.batch_size=32.5',
+     "flag --config.batch_size=32.5: invalid literal for int() with base 10: '32.5'"),
+    ('--config.model.halting=maybe',
+     "flag --config.model.halting=maybe: ('Non-boolean argument to boolean flag', 'maybe')"),
+])
+def test_cli_wrong_types_fail_at_parsing(tmp_path, flag, message):
+  status, output = _cli(tmp_path, flag)
+  assert status == 1 and message in output, output
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_cli_impossible_value_is_one_line_without_traceback(tmp_path):
+  status, output = _cli(tmp_path, '--config.model.gate_scale=0')
+  assert status == 1
+  assert output.strip().splitlines()[-1] == (
+      'error: config.model.gate_scale=0.0 is invalid: expected > 0')
+  assert 'Traceback' not in output and not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'batch_size': 12}, 'config.batch_size=12 is invalid: must be divisible by the number of '
+                         'devices (8); use a multiple of 8'),
+    ({'eval_batch_size': 100}, 'config.eval_batch_size=100 is invalid: must be divisible by the '
+                               'number of devices (8); use a multiple of 8'),
+    ({'model.patch': 5}, 'model.patch=5 must divide model.image_size=28'),
+    ({'model.gate_scale': 0.0}, 'config.model.gate_scale=0.0 is invalid: expected > 0'),
+    ({'model.gate_scale': -10.0}, 'config.model.gate_scale=-10.0 is invalid: expected > 0'),
+    ({'model.eps': 0.0}, 'config.model.eps=0.0 is invalid: expected a value in (0, 1)'),
+    ({'model.eps': 1.0}, 'config.model.eps=1.0 is invalid: expected a value in (0, 1)'),
+    ({'model.eps': -0.5}, 'config.model.eps=-0.5 is invalid: expected a value in (0, 1)'),
+])
+def test_impossible_values_fail_before_any_compilation(tmp_path, overrides, message):
+  assert jax.device_count() == 8
+  compiles = []
+  listener = lambda event, *args, **kwargs: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    with pytest.raises(ValueError) as e:
+      train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / 'wd'))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert str(e.value) == message
+  assert not [c for c in compiles if 'compile' in c], compiles
+  assert not (tmp_path / 'wd').exists()  # nothing touched
+
+
+def test_wrong_types_in_a_config_built_from_a_dict():
+  # A config file may build its ConfigDict from a plain dict, which ConfigDict does not
+  # type-check; validate compares every field with base_config()'s type.
+  for field, value, message in [
+      ('batch_size', 32.5, 'config.batch_size=32.5 is invalid: expected an integer (int), got '
+                           'float'),
+      ('seed', True, 'config.seed=True is invalid: expected an integer (int), got bool'),
+      ('model.eps', '0.01', "config.model.eps='0.01' is invalid: expected a number (float), got "
+                            'str'),
+      ('model.halting', 1, 'config.model.halting=1 is invalid: expected true or false (bool), '
+                           'got int'),
+      ('data.mean', 0.5, 'config.data.mean=0.5 is invalid: expected a list of values (tuple), '
+                         'got float'),
+  ]:
+    raw = fashion_mnist.get_config().to_dict()
+    *parents, leaf = field.split('.')
+    node = raw
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError) as e:
+      config_lib.validate(ml_collections.ConfigDict(raw), device_count=1)
+    assert str(e.value) == message
+  config = fashion_mnist.get_config()
+  config.model.gate_scale = 10  # an int where a float is expected is fine
+  config_lib.validate(config, device_count=1)
+
+
+# -- workdir ------------------------------------------------------------------------------
+
+
+def test_unwritable_workdir(tmp_path):
+  # Root ignores permission bits, so use places no one can write: under a regular file,
+  # and sysfs.
+  (tmp_path / 'file.txt').write_text('not a directory')
+  path = str(tmp_path / 'file.txt' / 'run')
+  with pytest.raises(WorkdirError) as e:
+    Workdir(path, tiny_config())
+  assert str(e.value) == (f'workdir {path} is not writable (Not a directory); choose a '
+                          'directory you can write to with --workdir')
+  with pytest.raises(WorkdirError, match=r'^workdir /sys/avit_jax_test is not writable \('):
+    Workdir('/sys/avit_jax_test', tiny_config())
+
+
+def test_workdir_of_a_different_config_is_refused(tmp_path):
+  path = str(tmp_path)
+  Workdir(path, tiny_config()).close()
+  # No checkpoint yet: nothing to mix with, so a changed config may take the workdir over.
+  Workdir(path, tiny_config(**{'optimizer.lr': 1e-3})).close()
+  os.makedirs(tmp_path / 'checkpoints' / '4')
+  with pytest.raises(WorkdirError) as e:
+    Workdir(path, tiny_config(**{'optimizer.lr': 5e-3, 'model.depth': 2}))
+  assert str(e.value) == (
+      f'workdir {path} holds a run with a different config:\n'
+      '  model.depth: workdir has 3, this run has 2\n'
+      '  optimizer.lr: workdir has 0.001, this run has 0.005\n'
+      'use a new --workdir, or the same config to resume that run')
+  # Run-control fields may change on resume (e.g. train longer, skip non-finite steps).
+  Workdir(path, tiny_config(**{'optimizer.lr': 1e-3, 'num_train_steps': 100,
+                                'skip_nonfinite_steps': True})).close()
+
+
+def test_two_runs_in_one_workdir_are_refused(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time\n'
+       'from avit_jax.workdir import Workdir\nfrom configs import fashion_mnist\n'
+       'w = Workdir(sys.argv[1], fashion_mnist.get_config())\nprint("locked", flush=True)\n'
+       'time.sleep(600)', str(tmp_path)],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(WorkdirError) as e:
+      Workdir(str(tmp_path), fashion_mnist.get_config())
+    assert str(e.value) == (f'another run (pid {holder.pid}) is using workdir {tmp_path}; wait '
+                            'for it to finish or use another --workdir')
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  Workdir(str(tmp_path), fashion_mnist.get_config()).close()  # a killed run frees it
+
+
+# -- checkpoints of another architecture ----------------------------------------------------
+
+BLOCK2 = ['attn.proj.bias', 'attn.proj.kernel', 'attn.qkv.bias', 'attn.qkv.kernel',
+          'mlp.fc1.bias', 'mlp.fc1.kernel', 'mlp.fc2.bias', 'mlp.fc2.kernel', 'norm1.bias',
+          'norm1.scale', 'norm2.bias', 'norm2.scale']
+
+
+@pytest.fixture(scope='module')
+def other_architecture(tmp_path_factory):
+  """A parameter checkpoint of depth 3 and 7 classes (the runs below: depth 2, 10 classes)."""
+  other = tiny_config(**{'model.depth': 3, 'model.num_classes': 7})
+  model = models.create(other.model, seed=0)
+  return checkpoints.save_params(
+      str(tmp_path_factory.mktemp('other') / 'ckpt'),
+      nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+      {'model': checkpoints.metadata_json(other.model)})
+
+
+def test_eval_of_another_architecture_lists_mismatches(tmp_path, other_architecture):
+  config = tiny_config(**{'model.depth': 2, 'mode': 'eval', 'eval_checkpoint': other_architecture})
+  trainer = train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+  with pytest.raises(checkpoints.CheckpointError) as e:
+    trainer.evaluate_checkpoint()
+  trainer.checkpoints.close()
+  assert str(e.value) == (
+      f'checkpoint {other_architecture} does not fit the model:\n'
+      '  shape mismatches: head.bias: model (10,) vs checkpoint (7,); head.kernel: model '
+      '(32, 10) vs checkpoint (32, 7)\n'
+      '  not in the model: ' + ', '.join(f'blocks.2.{n}' for n in BLOCK2) + '\n'
+      '  hint: the checkpoint has depth 3, num_classes 7 but the model has depth 2, num_classes '
+      '10; choose the matching config or override, e.g. --config.model.depth=3 '
+      '--config.model.num_classes=7')
+
+
+def test_init_from_another_architecture_lists_mismatches(tmp_path, other_architecture):
+  # init_from goes through the conversion table: a head of another size is re-initialised
+  # (fine-tuning), a missing or extra block is an error naming the torch-layout names.
+  config = tiny_config(**{'model.depth': 2, 'init_from': other_architecture})
+  with pytest.raises(checkpoints.CheckpointError) as e:
+    train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+  shapes = {'attn.proj.bias': (32,), 'attn.proj.weight': (32, 32), 'attn.qkv.bias': (96,),
+            'attn.qkv.weight': (96, 32), 'mlp.fc1.bias': (128,), 'mlp.fc1.weight': (128, 32),
+            'mlp.fc2.bias': (32,), 'mlp.fc2.weight': (32, 128), 'norm1.bias': (32,),
+            'norm1.weight': (32,), 'norm2.bias': (32,), 'norm2.weight': (32,)}
+  assert str(e.value) == (
+      f'config.init_from={other_architecture!r}: state dict does not fit config.model (dim=32, '
+      'depth=2, heads=2, patch=7, image_size=28, num_classes=10); names and shapes in timm / '
+      'torch layout:\n  not in the model: '
+      + ', '.join(f'blocks.2.{n} {s}' for n, s in shapes.items()) +
+      '\n  hint: the checkpoint has depth 3 and width 32; choose the matching config or '
+      'override, e.g. --config.model.depth=3 --config.model.dim=32')
+
+
+# -- data (what tests/test_input_pipeline.py does not already cover) ------------------------
+
+
+def _png_bytes(pil: Image.Image) -> bytes:
+  b = io.BytesIO()
+  pil.save(b, 'PNG')
+  return b.getvalue()
+
+
+def test_other_pixel_formats_decode_to_the_same_gray_pixels(tmp_path, fashion_mnist_dir):
+  """RGBA, palette, 16-bit and animated images are converted to the stored RGB pixels."""
+  table = data_sources.fashion_mnist(fashion_mnist_dir, 'test')
+  images = table.images[:4]
+  encoders = {
+      'rgba.png': lambda a: _png_bytes(Image.fromarray(np.dstack([a, a, a, np.full_like(a, 9)]))),
+      'palette.png': lambda a: _png_bytes(Image.fromarray(a).convert('P')),
+      # 16-bit: value v stored as 257 v; decoding to uint8 divides by 257 exactly.
+      'gray16.png': lambda a: _png_bytes(Image.fromarray(a.astype(np.uint16) * 257)),
+  }
+  for split in ('train', 'val'):
+    os.makedirs(tmp_path / split / 'c')
+  for k, (name, encode) in enumerate(encoders.items()):
+    (tmp_path / 'val' / 'c' / f'{k}{name}').write_bytes(encode(images[k]))
+    (tmp_path / 'train' / 'c' / f'{k}{name}').write_bytes(encode(images[k]))
+  # An animated GIF: the first frame is used.
+  frames = [Image.fromarray(images[3]).convert('P'), Image.fromarray(255 - images[3]).convert('P')]
+  frames[0].save(tmp_path / 'val' / 'c' / '3anim.gif', save_all=True, append_images=frames[1:])
+  config = data_config(tmp_path, source='folder')
+  config.model.num_classes = 1
+  batch = next(input_pipeline.eval_iterator(config))
+  assert batch['mask'].tolist() == [1] * 4 + [0] * 4
+  pixels = _pixels(batch['images'][:4])
+  np.testing.assert_array_equal(pixels[:3], images[:3])
+  np.testing.assert_array_equal(pixels[3], np.asarray(frames[0].convert('L')))
+
+
+def test_split_without_class_folders_and_unknown_eval_class(tmp_path):
+  os.makedirs(tmp_path / 'train' / 'a')
+  Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / 'train' / 'a' / '0.png')
+  os.makedirs(tmp_path / 'val')
+  data_sources.folder.cache_clear()
+  with pytest.raises(ValueError) as e:
+    input_pipeline.num_examples(data_config(tmp_path, source='folder'), 'validation')
+  assert str(e.value) == f'Split directory {tmp_path}/val has no class folders with images'
+  os.makedirs(tmp_path / 'val' / 'b')  # a class the train split does not have
+  data_sources.folder.cache_clear()
+  with pytest.raises(ValueError) as e:
+    input_pipeline.num_examples(data_config(tmp_path, source='folder'), 'validation')
+  assert str(e.value) == (f'Class folder {tmp_path}/val/b has no counterpart in the train split '
+                          '(1 classes); class indices would disagree.')
+
+
+def test_fashion_mnist_truncated_file_wrong_split_and_labels(tmp_path, fashion_mnist_dir):
+  import gzip
+  for kind, n in (('images', 3), ('labels', 1)):
+    with gzip.open(os.path.join(fashion_mnist_dir, f't10k-{kind}-idx{n}-ubyte.gz')) as f:
+      data = f.read()
+    if kind == 'images':
+      data = data[:16 + 28 * 28 * 5 - 1]  # header says 10,000 images; 5 minus a byte follow
+    with gzip.open(tmp_path / f't10k-{kind}-idx{n}-ubyte.gz', 'wb') as f:
+      f.write(data)
+  with pytest.raises(ValueError) as e:
+    data_sources.fashion_mnist(str(tmp_path), 'test')
+  assert str(e.value) == (f'{tmp_path}/t10k-images-idx3-ubyte.gz is truncated: header says '
+                          '[10000, 28, 28], found 3919 values')
+  with pytest.raises(ValueError) as e:
+    data_sources.fashion_mnist(fashion_mnist_dir, 'validation')
+  assert str(e.value) == ("Fashion-MNIST has splits ['test', 'train'], got 'validation' "
+                          '(config.data.train_split / eval_split)')
+  config = data_config()
+  config.model.num_classes = 5  # labels go up to 9: never silently wrong
+  with pytest.raises(ValueError) as e:
+    next(input_pipeline.eval_iterator(config))
+  assert str(e.value) == 'fashion_mnist/test has labels up to 9 but config.model.num_classes=5'
+
+
+# -- model inputs -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def model():
+  config = tiny_config().model
+  return models.create(config, seed=0)
+
+
+@pytest.mark.parametrize('mode', inference.MODES)
+def test_predict_rejects_wrong_shape_and_dtype(model, mode):
+  predict = inference.make_predict_fn(model, mode)
+  for bad in (jnp.zeros((28, 28, 3)), jnp.zeros((2, 28, 28, 1)), jnp.zeros((2, 32, 32, 3))):
+    with pytest.raises(ValueError, match=r'expected images of shape \[B, 28, 28, 3\]'):
+      predict(bad)
+  with pytest.raises(ValueError, match='expected floating-point images'):
+    predict(jnp.zeros((2, 28, 28, 3), jnp.uint8))
+
+
+def test_nan_and_inf_images_give_nan_logits_for_that_image_only(model):
+  """Documented result (no host check in the jitted model): an image with a NaN or inf pixel
+  has NaN logits and every token halts at layer 1 (depth 1, ponder 1; the dense mode reports
+  L); the other images of the batch are unaffected."""
+  rng = np.random.default_rng(0)
+  clean = rng.normal(size=(4, 28, 28, 3)).astype(np.float32)
+  bad = clean.copy()
+  bad[1] = np.nan
+  bad[2, 3, 4, 0] = np.inf
+  for mode in inference.MODES:
+    predict = inference.make_predict_fn(model, mode)
+    ref, out = predict(jnp.asarray(clean)), predict(jnp.asarray(bad))
+    logits, depth = np.asarray(out.logits), np.asarray(out.token_depth)
+    assert np.isnan(logits).any(axis=1).tolist() == [False, True, True, False], mode
+    full = model.depth if mode == 'dense' else 1
+    np.testing.assert_array_equal(depth[1:3], full)
+    np.testing.assert_array_equal(np.asarray(out.ponder)[1:3], full)
+    ok = [0, 3]
+    np.testing.assert_array_equal(depth[ok], np.asarray(ref.token_depth)[ok])
+    # Compact packs the batch's running tokens into other bucket shapes: fp32 rounding.
+    np.testing.assert_allclose(logits[ok], np.asarray(ref.logits)[ok], rtol=0,
+                               atol=0 if mode != 'compact' else 1e-5, err_msg=mode)
