@@ -101,7 +101,7 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, fashion_mnist_dir):
   assert 0.0 <= result['top1'] <= 1.0 and result['top1'] <= result['top5']
   assert 1.0 <= result['mean_token_depth'] <= 6.0  # embedded default: 6 layers
   depths = np.load(work / 'visualize' / 'depths.npz')
-  assert depths['token_depth'].shape == (32, 50)  # SMOKE: 32 images, 1 + 7 * 7 tokens
+  assert depths['token_depth'].shape == (32, 17)  # SMOKE: 32 images, 1 + 4 * 4 tokens (patch 7)
   assert set(np.unique(depths['token_depth'])) <= set(range(1, 7))
   images = [o for c in nb.cells for o in c.get('outputs', []) if 'image/png' in o.get('data', {})]
   assert len(images) == 1 + 2 + 5 + 1  # grid, two depth maps, five plots, the Python-API map

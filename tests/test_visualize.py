@@ -20,7 +20,7 @@ def _config(gate_center=0.0):
   spread over 1..L instead of all being L.
   """
   config = fashion_mnist.get_config()
-  config.model.update(dim=32, depth=4, heads=2, gate_center=gate_center)
+  config.model.update(dim=32, depth=4, heads=2, patch=4, gate_center=gate_center)
   return config
 
 
