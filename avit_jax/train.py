@@ -26,6 +26,7 @@ from flax import nnx, struct
 
 from avit_jax import (augment, checkpoints, config_lib, evaluation, flops, input_pipeline, losses,
                       models, optim, sharding)
+from avit_jax.metric_writer import MetricWriter
 from avit_jax.workdir import Workdir, write_json
 
 EVAL_FILE = 'eval.json'
@@ -179,26 +180,6 @@ def metadata(config: ml_collections.ConfigDict) -> dict:
           'loss': checkpoints.metadata_json(config.loss)}
 
 
-class _Writer:
-  """TensorBoard scalars (process 0 only) plus absl log lines."""
-
-  def __init__(self, logdir: str, enabled: bool):
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir)
-
-  def scalars(self, step: int, values: dict) -> None:
-    if self._tb is not None:
-      for name, value in values.items():
-        self._tb.add_scalar(name, float(value), step)
-      self._tb.flush()
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
 class Trainer:
   """Everything a run holds: mesh, model halves, jitted steps, state and checkpoints."""
 
@@ -303,7 +284,7 @@ class Trainer:
     metrics['step'] = int(self.state.step)
     return metrics
 
-  def write_eval(self, metrics: dict, writer: _Writer) -> None:
+  def write_eval(self, metrics: dict, writer: MetricWriter) -> None:
     if self.is_chief:
       write_json(os.path.join(self.workdir, EVAL_FILE), metrics)
     split = self.config.data.eval_split
@@ -347,7 +328,7 @@ class Trainer:
     would), evaluating and checkpointing on schedule. Returns the last eval metrics."""
     config = self.config
     start = self.restore_latest()
-    writer = _Writer(self.workdir, self.is_chief)
+    writer = MetricWriter(self.workdir, self.is_chief)
     eval_every = config.eval_every_steps or self.steps_per_epoch
     batches = input_pipeline.train_iterator(config, start_step=start)
     preemption = _Preemption()
@@ -436,16 +417,15 @@ class Trainer:
             f'no checkpoint to evaluate in {self.checkpoints.directory}; train first or set '
             '--config.eval_checkpoint=DIR')
       directory = self.checkpoints.step_dir(step)
-    params, meta = checkpoints.load_params(directory)
+    params, _ = checkpoints.load_params(directory)
     model = nnx.merge(self.graphs.eval, self.state.params, self.graphs.rest)
     checkpoints.assign_params(model, params, f'checkpoint {directory}')
     params_state = jax.device_put(nnx.state(model, nnx.Param), self.state_shardings.params)
-    del meta
     metrics = self.evaluate(params_state)
     name = os.path.basename(os.path.normpath(directory))
     metrics['step'] = int(name) if name.isdigit() else 0
     metrics['checkpoint'] = os.path.abspath(directory)
-    writer = _Writer(self.workdir, self.is_chief)
+    writer = MetricWriter(self.workdir, self.is_chief)
     self.write_eval(metrics, writer)
     writer.close()
     return metrics
