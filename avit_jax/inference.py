@@ -4,22 +4,25 @@
   dense    plain DeiT on every token (halting ignored): the baseline.
   masked   the training graph, `model(images)`: halted tokens are zeroed and masked but still
            computed. Reference answers.
-  compact  halted tokens are removed for real. After every layer the still-running tokens of
-           all images are packed together ([T, D], image-major, original order, so each
-           image's class token comes first); qkv, proj and the MLP (most of the FLOPs) run on
-           the packed tokens, attention runs per image on a [B, n, D] layout padded to the
-           longest image, with padding masked as keys exactly like a halted token. T and n are
-           rounded up to a few bucket sizes, so each block compiles once per bucket pair, and
-           the two counts are read back to the host after each layer.
+  compact  halted tokens are removed for real. The running tokens of the whole batch are
+           packed into rows (image by image, each image's tokens in their original order, so
+           its class token comes first), and the images are sorted by how many tokens they
+           still run. Each block runs group by group (G = `chunk_size` consecutive images,
+           so of similar counts): qkv, proj and the MLP (most of the FLOPs) on the group's
+           packed rows, attention per image on a [G, n] layout padded to the group's longest
+           image, the padding masked as keys exactly like a halted token. A repack after
+           each layer drops the halted rows and re-sorts the images. Row windows and n are
+           rounded up to a few bucket sizes, so the block compiles once per bucket pair;
+           the per-image counts are read back to the host after each layer.
            Tokens keep running until they halt themselves, also after their image's class
            token halted: the logits no longer change then, but the depths (and FLOPs) of the
            other tokens must equal the masked model's. Same logits as masked (fp32 rounding)
            and identical token depths and ponder. halting_scores hold the score of every
            layer a token ran (0 after it halted: the masked graph computes a meaningless value
            there) and halting_mean is 0: it is a training-only quantity.
-Large batches run in chunks of `chunk_size` images (default on CPU: 2^18 token floats per
-chunk, 8 images of DeiT-T): XLA on CPU runs DeiT-T about 1.4x faster per image on chunks
-of 8 than on a batch of 64, whose activations fall out of the caches.
+dense and masked run large batches in chunks of `chunk_size` images (default on CPU: 2^18
+token floats per chunk, 8 images of DeiT-T): XLA on CPU runs DeiT-T faster per image on
+chunks of 8 than on a batch of 64, whose activations fall out of the caches.
 Every mode runs in eval mode (dropout and drop path off); the
 parameters are those of `model` when the function is made (`predict.set_params(model)` takes
 new ones without recompiling). No training code is imported.
@@ -28,6 +31,7 @@ new ones without recompiling). No training code is imported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -108,109 +112,177 @@ def _masked(model, images, chunk_size):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _Packed:
-  """Running tokens of a chunk of B images, packed: T rows, image-major, original order.
+class _Rows:
+  """Token rows of the whole batch: R = B*N + G*N rows (G*N of slack, so that a group's
+  bucket-sized window never runs past the end).
 
-  x: [T, D] token states. image: int32 [T] image index (B on padding rows).
-  token: int32 [T] original token index. state: HaltingState with [T] fields, output [T, D].
+  After every repack the running tokens come first, packed image by image with the images
+  in decreasing order of running tokens (ties by image index) and each image's tokens in
+  their original order (so its class token, while it runs, is its first row); the other
+  rows have image = B. Fields, all [R]: x [R, D]; image, token int32; cumulative,
+  remainder, ponder, depth: the halting state; mask: 1 on running rows (after a block:
+  still running); score: the halting score of the last layer the row ran.
   """
   x: jax.Array
   image: jax.Array
   token: jax.Array
-  state: halting_lib.HaltingState
+  cumulative: jax.Array
+  remainder: jax.Array
+  ponder: jax.Array
+  depth: jax.Array
+  mask: jax.Array
+  score: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Images in row order (decreasing running count), padded to whole groups of G:
+  counts int32 [B'] running tokens, images int32 [B'] image index (B on padding)."""
+  counts: jax.Array
+  images: jax.Array
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Results:
-  """Per image, original token layout: depth, ponder [B*N]; class [B, D]; scores [B*L*N]."""
+  """Per image, original token layout: depth, ponder [B*N]; scores [B*L*N]; class
+  token output (the halting accumulator) [B, D]."""
   depth: jax.Array
   ponder: jax.Array
-  class_output: jax.Array
   scores: jax.Array
+  class_output: jax.Array
 
 
-def _segments(image: jax.Array, active: jax.Array, batch: int):
-  """Per image: running-token count [B] and first row [B]; per row: position in its image."""
-  counts = jax.ops.segment_sum(active.astype(jnp.int32), image, num_segments=batch)
-  starts = jnp.cumsum(counts) - counts
-  position = jnp.arange(image.shape[0]) - starts[jnp.minimum(image, batch - 1)]
-  return counts, starts, position
-
-
-def _embed_packed(model, images):
-  """Embeds a chunk and packs every token: T = B * N rows, all running."""
-  depth = model.depth
+def _embed_rows(model, images, group):
+  """Embeds the batch into rows (all running, image-major) and the starting layout."""
   x = model.embed(images)
   b, n, d = x.shape
-  hs = halting_lib.init_state(b * n, 1, d)  # [B*N, 1] fields -> [B*N]
-  hs = jax.tree.map(lambda a: a.reshape(b * n, *a.shape[2:]), hs)
-  packed = _Packed(x=x.reshape(b * n, d), image=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
-                   token=jnp.tile(jnp.arange(n, dtype=jnp.int32), b), state=hs)
-  zeros = jnp.zeros((b * n,), jnp.float32)
+  padded_batch = -(-b // group) * group
+  total = b * n + group * n
+  pad = lambda a, value: jnp.pad(a, (0, total - b * n), constant_values=value)  # noqa: E731
+  zeros, ones = jnp.zeros((b * n,), jnp.float32), jnp.ones((b * n,), jnp.float32)
+  rows = _Rows(
+      x=jnp.pad(x.reshape(b * n, d), ((0, total - b * n), (0, 0))),
+      image=pad(jnp.repeat(jnp.arange(b, dtype=jnp.int32), n), b),
+      token=pad(jnp.tile(jnp.arange(n, dtype=jnp.int32), b), 0),
+      cumulative=pad(zeros, 0.0), remainder=pad(ones, 1.0), ponder=pad(zeros, 0.0),
+      depth=pad(ones, 1.0), mask=pad(ones, 0.0), score=pad(zeros, 0.0))
+  layout = _Layout(
+      counts=jnp.pad(jnp.full((b,), n, jnp.int32), (0, padded_batch - b)),
+      images=jnp.pad(jnp.arange(b, dtype=jnp.int32), (0, padded_batch - b), constant_values=b))
   results = _Results(depth=zeros, ponder=zeros,
-                     class_output=jnp.zeros((b, d), jnp.float32),
-                     scores=jnp.zeros((b * depth * n,), jnp.float32))
-  return packed, results
+                     scores=jnp.zeros((b * model.depth * n,), jnp.float32),
+                     class_output=jnp.zeros((b, d), jnp.float32))
+  return rows, layout, results
 
 
-def _compact_layer(block, halting_consts, depth, batch, n_pad, layer, packed: _Packed,
-                   results: _Results):
-  """One block on packed tokens + halting update + repacking of the still-running tokens.
+def _group_block(block, halting_consts, depth, group, window, n_pad, layer, first_image,
+                 rows: _Rows, layout: _Layout, class_output):
+  """One block + halting update for the G images of the layout from `first_image` on.
 
-  Returns (packed, results, stats) with packed still T rows, the running ones first, and
-  stats int32 [2] = (running rows, longest image) for the host to pick the next buckets.
+  Works on a window of `window` rows from the group's first row (its running tokens, then
+  rows of other groups, which are left untouched); attention runs per image on a
+  [G, n_pad] layout with the padding masked as keys, exactly like a halted token. Returns
+  (rows, class_output) with the group's rows and class-token outputs updated.
   """
-  gamma, beta, eps, tokens = halting_consts
-  x, image, hs = packed.x, packed.image, packed.state
-  m = hs.mask
-  real = m > 0
-  counts, starts, position = _segments(image, real, batch)
+  gamma, beta, eps = halting_consts
+  batch = class_output.shape[0]
+  counts = jax.lax.dynamic_slice_in_dim(layout.counts, first_image, group)
+  images = jax.lax.dynamic_slice_in_dim(layout.images, first_image, group)
+  start = jnp.sum(jnp.where(jnp.arange(layout.counts.shape[0]) < first_image, layout.counts, 0))
+  part = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, window), rows)
+  ends = jnp.cumsum(counts)
+  firsts = ends - counts
+  i = jnp.arange(window)
+  real = i < ends[-1]
+  slot = jnp.minimum(jnp.sum(i[:, None] >= ends[None, :], axis=1), group - 1)
+  position = jnp.clip(i - firsts[slot], 0, n_pad - 1)
 
-  # Block, as vit.Block with a mask, on packed rows; attention per image on [B, n_pad].
-  mx = m[:, None].astype(x.dtype)
-  x = x * mx
-  qkv = block.attn.qkv(block.norm1(x * mx) * mx)  # [T, 3D]
-  slot = jnp.arange(n_pad)
-  key_mask = slot[None, :] < counts[:, None]  # [B, n_pad]
-  rows = jnp.minimum(starts[:, None] + slot[None, :], x.shape[0] - 1)
-  padded = jnp.where(key_mask[..., None], qkv[rows], 0)  # gather: [B, n_pad, 3D]
-  attended = block.attn.attend(padded, key_mask)
-  attended = attended[jnp.minimum(image, batch - 1), jnp.clip(position, 0, n_pad - 1)]
-  x = x + block.attn.proj(attended * mx)
-  x = x + block.mlp(block.norm2(x * mx) * mx)
+  # vit.Block with a mask, on the window's rows; attention per image on [G, n_pad]. The
+  # mask multiplies of vit.Block are left out: on the group's rows they are 1 (x * 1 is x),
+  # token-wise ops keep rows apart, and the other rows' results are dropped below.
+  mask = real.astype(jnp.float32)
+  x = part.x
+  qkv = block.attn.qkv(block.norm1(x))
+  key_mask = jnp.arange(n_pad)[None, :] < counts[:, None]
+  gather = jnp.minimum(firsts[:, None] + jnp.arange(n_pad)[None, :], window - 1)
+  # Padding keys get zero weight; zeroing them too keeps another image's NaN out.
+  # Row gathers with sorted indices: XLA on CPU copies whole rows for these.
+  take = functools.partial(jnp.take, axis=0, mode='clip', indices_are_sorted=True)
+  padded = take(qkv, gather.reshape(-1)).reshape(group, n_pad, -1)
+  attended = block.attn.attend(jnp.where(key_mask[..., None], padded, 0), key_mask)
+  x = x + block.attn.proj(take(attended.reshape(group * n_pad, -1), slot * n_pad + position))
+  x = x + block.mlp(block.norm2(x))
 
-  # Halting, exactly as AViT.run_halting (h = 1 at the last layer).
-  h = halting_lib.halting_score(x, gamma, beta)
-  scores = h
-  h = jnp.where(layer == depth - 1, jnp.ones_like(h), h)
-  hs = halting_lib.update(hs, x, h, eps)
+  # Halting, exactly as AViT.run_halting (h = 1 at the last layer). Only class tokens need
+  # the output accumulator: it is updated for the group's class rows alone.
+  score = halting_lib.halting_score(x, gamma, beta)
+  h = jnp.where(layer == depth - 1, jnp.ones_like(score), score)
+  state = halting_lib.HaltingState(
+      cumulative=part.cumulative, remainder=part.remainder, mask=mask, ponder=part.ponder,
+      depth=part.depth, output=jnp.zeros((window, 1), jnp.float32))
+  new = halting_lib.update(state, x, h, eps)
+  first = jnp.minimum(firsts, window - 1)
+  is_class = (counts > 0) & (part.token[first] == 0)
+  safe_images = jnp.minimum(images, batch - 1)
+  class_state = jax.tree.map(lambda a: a[first], state)
+  class_state = dataclasses.replace(class_state, mask=is_class.astype(jnp.float32),
+                                    output=class_output[safe_images])
+  class_new = halting_lib.update(class_state, x[first], h[first], eps)
+  class_output = class_output.at[jnp.where(is_class, images, batch)].set(
+      class_new.output, mode='drop')
 
-  # Record what the rows that ran this layer end with (a halted token keeps these).
-  flat = jnp.where(real, image * tokens + packed.token, batch * tokens)
-  depth_out = results.depth.at[flat].set(hs.depth, mode='drop')
-  ponder_out = results.ponder.at[flat].set(hs.ponder, mode='drop')
-  flat_scores = jnp.where(real, (image * depth + layer) * tokens + packed.token,
-                          batch * depth * tokens)
-  scores_out = results.scores.at[flat_scores].set(scores, mode='drop')
-  # Class tokens: each image's first row while its class token runs.
-  first = jnp.minimum(starts, x.shape[0] - 1)
-  has_class = (counts > 0) & (packed.token[first] == 0)
-  class_out = jnp.where(has_class[:, None], hs.output[first], results.class_output)
+  keep = lambda new, old: jnp.where(real.reshape(-1, *[1] * (old.ndim - 1)), new, old)  # noqa: E731
+  updated = dataclasses.replace(
+      part, x=keep(x, part.x), cumulative=keep(new.cumulative, part.cumulative),
+      remainder=keep(new.remainder, part.remainder), ponder=keep(new.ponder, part.ponder),
+      depth=keep(new.depth, part.depth), mask=keep(new.mask, part.mask),
+      score=keep(score, part.score))
+  rows = jax.tree.map(lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, start, 0),
+                      rows, updated)
+  return rows, class_output
 
-  # Repack: running rows first, stable (image-major, original order); the rest is padding.
-  running = (hs.mask > 0) & real
-  order = jnp.argsort(jnp.where(running, 0, 1), stable=True)
-  running = running[order]
-  hs = jax.tree.map(lambda a: a[order], hs)
-  hs = dataclasses.replace(hs, mask=running.astype(jnp.float32))
-  packed = _Packed(x=x[order], image=jnp.where(running, image[order], batch),
-                   token=packed.token[order], state=hs)
-  new_counts = jax.ops.segment_sum(running.astype(jnp.int32), packed.image, num_segments=batch)
-  stats = jnp.stack([new_counts.sum(), new_counts.max()])
-  results = _Results(depth=depth_out, ponder=ponder_out, class_output=class_out,
-                     scores=scores_out)
-  return packed, results, stats
+
+def _repack(depth, tokens, group, prefix, layer, rows: _Rows, results: _Results):
+  """Records what the rows that ran this layer end with, then packs the still-running rows
+  to the front, images in decreasing order of running tokens. `prefix` (static) covers
+  every row that ran. Returns (rows, layout, results)."""
+  batch = results.class_output.shape[0]
+  p = jax.tree.map(lambda a: a[:prefix], rows)
+  ran = p.image < batch
+  image = jnp.minimum(p.image, batch)
+  flat = jnp.where(ran, image * tokens + p.token, batch * tokens)
+  flat_scores = jnp.where(ran, (image * depth + layer) * tokens + p.token, batch * depth * tokens)
+  results = dataclasses.replace(
+      results, depth=results.depth.at[flat].set(p.depth, mode='drop'),
+      ponder=results.ponder.at[flat].set(p.ponder, mode='drop'),
+      scores=results.scores.at[flat_scores].set(p.score, mode='drop'))
+
+  running = ran & (p.mask > 0)
+  counts = jax.ops.segment_sum(running.astype(jnp.int32), image, num_segments=batch + 1)[:batch]
+  order = jnp.argsort(-counts, stable=True).astype(jnp.int32)
+  sorted_counts = counts[order]
+  new_first = jnp.zeros((batch,), jnp.int32).at[order].set(jnp.cumsum(sorted_counts)
+                                                           - sorted_counts)
+  # A running row's place in its image: running rows before it, minus those before the
+  # image's first running row (an image's rows are contiguous).
+  before = jnp.cumsum(running) - running
+  image_before = jax.ops.segment_min(jnp.where(running, before, prefix), image,
+                                     num_segments=batch + 1)
+  dest = jnp.where(running, new_first[jnp.minimum(image, batch - 1)] + before
+                   - image_before[image], prefix)
+  source = jnp.zeros((prefix,), jnp.int32).at[dest].set(jnp.arange(prefix, dtype=jnp.int32),
+                                                        mode='drop')
+  valid = jnp.zeros((prefix,), bool).at[dest].set(True, mode='drop')
+  q = jax.tree.map(lambda a: a[source], p)
+  q = dataclasses.replace(q, image=jnp.where(valid, q.image, batch),
+                          mask=valid.astype(jnp.float32))
+  rows = jax.tree.map(lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, 0, 0), rows, q)
+  padded = -(-batch // group) * group - batch
+  layout = _Layout(counts=jnp.pad(sorted_counts, (0, padded)),
+                   images=jnp.pad(order, (0, padded), constant_values=batch))
+  return rows, layout, results
 
 
 def _finish(model, b, n, results: _Results):
@@ -267,12 +339,15 @@ class Predictor:
 
 
 class CompactPredictor:
-  """Token removal with packed token-wise layers and per-image attention (see module doc).
+  """Token removal: token-wise layers on packed rows, attention per image (see module doc).
 
-  token_buckets: the packed row count is rounded up to a multiple of B*N / token_buckets;
-  query_buckets: the per-image attention length to a multiple of N / query_buckets (both to
-  multiples of 8). Each block compiles once per (rows, length) pair: at most
-  token_buckets * query_buckets programs per chunk size.
+  The batch runs as one set of rows; each block runs group by group, a group being
+  `chunk_size` images of similar running-token counts (images are re-sorted by count after
+  every layer, so attention pads little). token_buckets: a group's row window is rounded up
+  to a multiple of G*N / token_buckets; query_buckets: its attention length to a multiple
+  of N / query_buckets (both to multiples of 8). The block compiles once per (window,
+  length) pair, at most token_buckets * query_buckets programs per group size; the repack
+  between layers once per row bucket. The counts are read back to the host after each layer.
   """
 
   def __init__(self, model: AViT, *, chunk_size: int, token_buckets: int = 32,
@@ -294,14 +369,19 @@ class CompactPredictor:
     if any(b.treedef != blocks[0].treedef for b in blocks):
       raise ValueError('compact inference needs blocks with identical parameter structure')
     self._block_leaves = [b.leaves for b in blocks]
-    consts = (model.gate_scale, model.gate_center, model.eps, n)
-    self._embed = jax.jit(lambda leaves, images: _embed_packed(params.merge(leaves), images))
-    self._layer = jax.jit(
-        lambda batch, n_pad, leaves, layer, packed, results: _compact_layer(
-            blocks[0].merge(leaves), consts, depth, batch, n_pad, layer, packed, results),
-        static_argnums=(0, 1), donate_argnums=(4, 5))
-    self._take = jax.jit(lambda packed, rows: jax.tree.map(lambda a: a[:rows], packed),
-                         static_argnums=(1,))
+    consts = (model.gate_scale, model.gate_center, model.eps)
+    self._embed = jax.jit(
+        lambda leaves, images, group: _embed_rows(params.merge(leaves), images, group),
+        static_argnums=(2,))
+    self._group = jax.jit(
+        lambda group, window, n_pad, leaves, layer, first, rows, layout, class_output:
+        _group_block(blocks[0].merge(leaves), consts, depth, group, window, n_pad, layer,
+                     first, rows, layout, class_output),
+        static_argnums=(0, 1, 2), donate_argnums=(6, 8))
+    self._repack = jax.jit(
+        lambda group, prefix, layer, rows, results: _repack(depth, n, group, prefix, layer,
+                                                            rows, results),
+        static_argnums=(0, 1), donate_argnums=(3, 4))
     self._finish = jax.jit(lambda leaves, results: _finish(
         params.merge(leaves), results.class_output.shape[0], n, results))
 
@@ -311,57 +391,55 @@ class CompactPredictor:
     self._block_leaves = [_Params(block).leaves for block in model.blocks]
 
   def compiled_count(self) -> int:
-    """Block programs compiled so far (one per chunk size and (rows, length) bucket pair)."""
-    return self._layer._cache_size()  # pylint: disable=protected-access
+    """Block programs compiled so far (one per group size and (window, length) pair)."""
+    return self._group._cache_size()  # pylint: disable=protected-access
 
-  def granules(self, batch: int) -> tuple[int, int]:
-    """Bucket sizes for a chunk of `batch` images: (packed rows, attention length)."""
-    g_rows = _round_up(math.ceil(batch * self.tokens / self.token_buckets), 8, 1 << 30)
+  def group_size(self, batch: int) -> int:
+    """Images per group for a batch: chunk_size (the whole batch when 0 or larger)."""
+    return batch if self.chunk_size <= 0 else min(self.chunk_size, batch)
+
+  def granules(self, group: int) -> tuple[int, int]:
+    """Bucket sizes for groups of `group` images: (row window, attention length)."""
+    g_rows = _round_up(math.ceil(group * self.tokens / self.token_buckets), 8, 1 << 30)
     g_len = _round_up(math.ceil(self.tokens / self.query_buckets), 8, 1 << 30)
     return g_rows, g_len
 
   def __call__(self, images: jax.Array) -> AViTOutput:
     self.model.check_images(images)
-    b = images.shape[0]
-    n_chunks = _chunks(b, self.chunk_size)
-    chunk = b // n_chunks
-    g_rows, g_len = self.granules(chunk)
-    n = self.tokens
-    # Chunks advance layer by layer together, so the device has the other chunks' work
-    # queued while the host waits for one chunk's counts.
-    live = []
-    for c in range(n_chunks):
-      packed, results = self._embed(self._leaves, images[c * chunk:(c + 1) * chunk])
-      live.append([packed, results, _round_up(n, g_len, n)])
+    b, n = images.shape[0], self.tokens
+    group = self.group_size(b)
+    g_rows, g_len = self.granules(group)
+    g_prefix, _ = self.granules(b)
+    rows, layout, results = self._embed(self._leaves, images, group)
+    class_output = results.class_output
+    counts = np.zeros(layout.counts.shape[0], np.int64)
+    counts[:b] = n
     for layer, leaves in enumerate(self._block_leaves):
-      stats = []
-      for item in live:
-        packed, results, n_pad = item
-        if packed is None:
-          stats.append(None)
-          continue
-        item[0], item[1], s = self._layer(chunk, n_pad, leaves, np.int32(layer), packed, results)
-        stats.append(s)
-      for item, s in zip(live, stats):
-        if s is None:
-          continue
-        rows, longest = (int(v) for v in np.asarray(s))
-        if rows == 0:
-          item[0] = None  # every token of this chunk halted
-          continue
-        item[0] = self._take(item[0], _round_up(rows, g_rows, chunk * n))
-        item[2] = _round_up(longest, g_len, n)
-    outs = [self._finish(self._leaves, item[1]) for item in live]
-    if len(outs) == 1:
-      return outs[0]
-    return jax.tree.map(lambda *a: jnp.concatenate(a) if a[0].ndim > 1 else a[0], *outs)
+      total = int(counts.sum())
+      if total == 0:
+        break  # every token halted
+      for first in range(0, len(counts), group):
+        in_group = counts[first:first + group]
+        if not in_group[0]:
+          break  # images come in decreasing count: the remaining groups are empty
+        window = _round_up(int(in_group.sum()), g_rows, group * n)
+        n_pad = _round_up(int(in_group[0]), g_len, n)
+        rows, class_output = self._group(group, window, n_pad, leaves, np.int32(layer),
+                                         np.int32(first), rows, layout, class_output)
+      results = dataclasses.replace(results, class_output=class_output)
+      rows, layout, results = self._repack(group, _round_up(total, g_prefix, b * n),
+                                           np.int32(layer), rows, results)
+      class_output = results.class_output
+      counts = np.asarray(layout.counts)
+    return self._finish(self._leaves, results)
 
 
 def make_predict_fn(model: AViT, mode: str, *, chunk_size: int | None = None,
                     token_buckets: int = 32, query_buckets: int = 8) -> PredictFn:
   """Returns predict(images float32 [B, H, W, 3]) -> AViTOutput for `mode` (see MODES).
 
-  chunk_size: images per chunk for large batches (None: `default_chunk_size(model)`; 0: off).
+  chunk_size: images per chunk for large batches, and per block group in 'compact' (None:
+    `default_chunk_size(model)`; 0: the whole batch).
   token_buckets / query_buckets: bucket granularity of 'compact' (see CompactPredictor).
   """
   if mode not in MODES:
