@@ -1,6 +1,7 @@
 """Throughput of dense DeiT vs masked and compact A-ViT, with FLOPs and a PyTorch peer row.
 
-  python -m avit_jax.benchmark [--json FILE] [--checkpoint DIR] [--batch-sizes 1,8,64] [--quick]
+  python -m avit_jax.benchmark [--json FILE] [--markdown FILE] [--checkpoint DIR]
+      [--batch-sizes 1,8,64] [--quick]
 
 For DeiT-T / DeiT-S geometry (224, 197 tokens) the A-ViT halting comes from
 `halting_profiles` (random weights calibrated to the published compute fraction); with
@@ -10,6 +11,10 @@ dense, used by A-ViT), speed-up over our dense, ideal speed-up (dense FLOPs / A-
 and efficiency = speed-up / ideal. Modes are timed round-robin in one process (median of
 `--reps`), so ratios are side by side even on a busy machine. Also times one training
 step (value_and_grad of the loss) of masked A-ViT against dense DeiT. No train import.
+Where compact's time goes: after each table, a profiled compact run (synchronised after every
+call) splits its time into embedding, blocks, repack and head, and sets the blocks against
+dense's time scaled by the block FLOPs compact needs (block efficiency), with the rows and
+attention computed over those needed (bucket rounding, attention padding).
 """
 
 from __future__ import annotations
@@ -138,15 +143,17 @@ def _train_step_times(model_config, batch: int, reps: int, seed: int = 0) -> dic
           'cpu_halting_overhead': cpu['masked A-ViT'] / cpu['dense DeiT'] - 1.0}
 
 
-def _fashion_mnist_test_images(count: int, data: dict | None = None) -> np.ndarray:
-  """First `count` Fashion-MNIST test images [B, 28, 28, 3], normalised with the checkpoint's
-  metadata['data'] mean / std when given, else those of configs/fashion_mnist.py."""
+def _fashion_mnist_test_images(count: int, data: dict | None = None,
+                               split: str = 't10k') -> np.ndarray:
+  """First `count` Fashion-MNIST images [B, 28, 28, 3] of `split` ('t10k' test, 'train'),
+  normalised with the checkpoint's metadata['data'] mean / std when given, else those of
+  configs/fashion_mnist.py."""
   from configs import fashion_mnist  # pylint: disable=import-outside-toplevel
   defaults = fashion_mnist.get_config().data
   data = dict(data or {})
   mean = data.get('mean', defaults.mean)
   std = data.get('std', defaults.std)
-  path = os.path.join(defaults.data_dir, 't10k-images-idx3-ubyte.gz')
+  path = os.path.join(defaults.data_dir, f'{split}-images-idx3-ubyte.gz')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} is missing: install the Fashion-MNIST IDX files '
                             '(tools/bootstrap.sh) or drop --checkpoint')
@@ -154,6 +161,43 @@ def _fashion_mnist_test_images(count: int, data: dict | None = None) -> np.ndarr
     raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:count]
   x = raw.astype(np.float32)[..., None].repeat(3, axis=-1) / 255.0
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def _fashion_mnist_test_labels() -> np.ndarray:
+  from configs import fashion_mnist  # pylint: disable=import-outside-toplevel
+  path = os.path.join(fashion_mnist.get_config().data.data_dir, 't10k-labels-idx1-ubyte.gz')
+  with gzip.open(path, 'rb') as f:
+    return np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int32)
+
+
+def capacity_accuracy(model, model_config, data, quantiles=(1.0, 0.99, 0.9, 0.5),
+                      calibration_images: int = 2048, batch: int = 500) -> list[dict]:
+  """Accuracy effect of 'capacity' on the Fashion-MNIST test set: budgets calibrated on the
+  first training images at each quantile; top-1 against masked, tokens cut, and the GFLOPs
+  per image the budget executes against those masked uses."""
+  images = _fashion_mnist_test_images(10_000, data)
+  labels = _fashion_mnist_test_labels()[:len(images)]
+  calibration = jnp.asarray(_fashion_mnist_test_images(calibration_images, data, 'train'))
+
+  def run(predict):
+    outs = [predict(jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
+    return (np.concatenate([np.asarray(o.logits) for o in outs]),
+            np.concatenate([np.asarray(o.token_depth) for o in outs]))
+
+  logits, depth = run(inference.make_predict_fn(model, 'masked'))
+  used = float(np.mean(np.asarray(flops.gflops_per_image(depth, model_config))))
+  rows = [dict(mode='masked', top1=float((logits.argmax(-1) == labels).mean()),
+               gflops_per_image=used, tokens_cut_fraction=0.0)]
+  for q in quantiles:
+    budget = inference.calibrate_capacity(model, calibration, quantile=q)
+    c_logits, c_depth = run(inference.make_predict_fn(model, 'capacity', capacity=budget))
+    check = capacity_check(c_logits, c_depth, logits, depth, budget, model_config)
+    rows.append(dict(mode=f'capacity q={q}', capacity=list(budget),
+                     top1=float((c_logits.argmax(-1) == labels).mean()),
+                     gflops_per_image=check['budget_gflops_per_image'],
+                     tokens_cut_fraction=check['tokens_cut'] / depth.size,
+                     top1_agreement=check['top1_agreement']))
+  return rows
 
 
 def _load_checkpoint(directory: str):
@@ -168,9 +212,12 @@ def _load_checkpoint(directory: str):
 
 
 def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes, reps: int,
-                torch_seconds=None, log=print) -> list[dict]:
-  """Rows of the table for one model: every mode (and the torch peer) at every batch size."""
+                torch_seconds=None, log=print, capacity=None) -> list[dict]:
+  """Rows of the table for one model: every mode (and the torch peer) at every batch size;
+  'capacity' too when per-layer token budgets are given."""
   predictors = {mode: inference.make_predict_fn(model, mode) for mode in MODES}
+  if capacity is not None:
+    predictors['capacity'] = inference.make_predict_fn(model, 'capacity', capacity=capacity)
   dense_gflops = flops.dense_gflops(model_config)
   rows = []
   for b in batch_sizes:
@@ -190,15 +237,73 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
       gflops = dense_gflops if mode in ('dense', 'pytorch') else used
       row = dict(model=name, mode=mode, batch=b, images_per_s=b / s, ms_per_batch=1e3 * s,
                  gflops_per_image=gflops, speed_up=seconds['dense'] / s,
-                 ideal_speed_up=ideal if mode in ('masked', 'compact') else 1.0,
+                 ideal_speed_up=1.0 if mode in ('dense', 'pytorch') else ideal,
                  cpu_ms_per_batch=1e3 * cpu[mode], cpu_speed_up=cpu['dense'] / cpu[mode])
       row['efficiency'] = row['speed_up'] / row['ideal_speed_up']
       row['cpu_efficiency'] = row['cpu_speed_up'] / row['ideal_speed_up']
+      if mode == 'capacity':
+        out = predictors['capacity'](x)
+        row.update(capacity_check(out.logits, out.token_depth, masked.logits,
+                                  masked.token_depth, capacity, model_config))
       if mode == 'compact':
         row.update(check, compiled_programs=predictors['compact'].compiled_count())
+        row['time_split'] = compact_time_split(predictors['compact'], x, masked.token_depth,
+                                               model_config, seconds['dense'], reps)
       rows.append(row)
     log(format_table([r for r in rows if r['batch'] == b]))
+    log(format_time_split(next(r['time_split'] for r in rows
+                               if r['mode'] == 'compact' and r['batch'] == b)))
   return rows
+
+
+def capacity_check(logits, token_depth, masked_logits, masked_depth, capacity,
+                   model_config) -> dict:
+  """What the token budget did to a batch: tokens cut (ran fewer layers than in the masked
+  model), top-1 agreement and max logit difference with masked, and the GFLOPs per image the
+  budget executes (every slot of every layer)."""
+  budget_gflops = (flops.gflops_per_image(jnp.zeros((1, 1)), model_config)[0]
+                   + sum(flops.layer_macs(k, model_config) for k in capacity) / 1e9)
+  return dict(capacity=list(capacity), budget_gflops_per_image=float(budget_gflops),
+              tokens_cut=int((np.asarray(token_depth) < np.asarray(masked_depth)).sum()),
+              top1_agreement=float((np.asarray(logits).argmax(-1)
+                                    == np.asarray(masked_logits).argmax(-1)).mean()),
+              max_logit_diff=float(np.abs(np.asarray(logits) - np.asarray(masked_logits)).max()))
+
+
+def compact_time_split(predictor, images, token_depth, model_config, dense_seconds: float,
+                       reps: int) -> dict:
+  """Where compact's time goes: synchronised per-phase seconds (median of `reps` profiled
+  runs), bucket and padding waste, and the blocks' time against their FLOPs share of dense.
+
+  blocks_ideal_ms: dense's time outside embedding and head, scaled by the block FLOPs compact
+  needs over the dense block FLOPs; block_efficiency = blocks_ideal / (blocks + repack).
+  """
+  profiles = [predictor.profile(images) for _ in range(max(1, reps))]
+  seconds = {k: float(np.median([p['seconds'][k] for p in profiles]))
+             for k in profiles[0]['seconds']}
+  p = profiles[0]
+  outside = float(np.mean(np.asarray(flops.gflops_per_image(jnp.zeros_like(token_depth),
+                                                              model_config))))
+  used = float(np.mean(np.asarray(flops.gflops_per_image(token_depth, model_config))))
+  dense = flops.dense_gflops(model_config)
+  block_fraction = (used - outside) / (dense - outside)
+  ideal = (dense_seconds - seconds['embed'] - seconds['finish']) * block_fraction
+  return dict(
+      ms={k: 1e3 * v for k, v in seconds.items()}, block_calls=p['block_calls'],
+      rows_rounding=p['rows_computed'] / p['rows_running'],
+      attention_padding=p['attention_computed'] / p['attention_running'],
+      block_flops_fraction=block_fraction, blocks_ideal_ms=1e3 * ideal,
+      block_efficiency=ideal / (seconds['blocks'] + seconds['repack']))
+
+
+def format_time_split(split: dict) -> str:
+  ms = split['ms']
+  return (f'# compact, synchronised after every call: embed {ms["embed"]:.1f} ms, blocks '
+          f'{ms["blocks"]:.1f} ms ({split["block_calls"]} calls), repack {ms["repack"]:.1f} ms, '
+          f'finish {ms["finish"]:.1f} ms; blocks at dense speed per FLOP '
+          f'{split["blocks_ideal_ms"]:.1f} ms (block efficiency {split["block_efficiency"]:.2f}); '
+          f'rows computed / running {split["rows_rounding"]:.3f}, attention computed / running '
+          f'{split["attention_padding"]:.3f}')
 
 
 def format_table(rows: list[dict]) -> str:
@@ -211,6 +316,34 @@ def format_table(rows: list[dict]) -> str:
                  f'{r["ideal_speed_up"]:>7.2f}{r["efficiency"]:>7.2f}'
                  f'{r["cpu_ms_per_batch"]:>9.1f}{r["cpu_efficiency"]:>11.2f}')
   return '\n'.join(lines)
+
+
+def format_markdown(rows: list[dict]) -> str:
+  """The rows as one Markdown table per model (the README's tables), each followed by the
+  compact time split of every batch size."""
+  names = {'pytorch': 'PyTorch (transformers ViT)'}
+  out = []
+  for model in dict.fromkeys(r['model'] for r in rows):
+    mine = [r for r in rows if r['model'] == model]
+    out += [f'{model}:', '',
+            '| batch | mode | img/s | ms/batch | GFLOPs/img | speed-up | ideal | efficiency '
+            '| CPU-time efficiency |', '|---|---|---|---|---|---|---|---|---|']
+    out += [f'| {r["batch"]} | {names.get(r["mode"], r["mode"])} | {r["images_per_s"]:.1f} | '
+            f'{r["ms_per_batch"]:.1f} | {r["gflops_per_image"]:.3f} | {r["speed_up"]:.2f} | '
+            f'{r["ideal_speed_up"]:.2f} | {r["efficiency"]:.2f} | {r["cpu_efficiency"]:.2f} |'
+            for r in mine]
+    out += ['', '| batch | embed ms | blocks ms (calls) | repack ms | blocks at dense speed per '
+            'FLOP, ms | block efficiency | rows computed / running | attention computed / '
+            'running |', '|---|---|---|---|---|---|---|---|']
+    for r in mine:
+      if r['mode'] == 'compact':
+        t = r['time_split']
+        out.append(f'| {r["batch"]} | {t["ms"]["embed"]:.1f} | {t["ms"]["blocks"]:.1f} '
+                   f'({t["block_calls"]}) | {t["ms"]["repack"]:.1f} | {t["blocks_ideal_ms"]:.1f}'
+                   f' | {t["block_efficiency"]:.2f} | {t["rows_rounding"]:.3f} | '
+                   f'{t["attention_padding"]:.3f} |')
+    out.append('')
+  return '\n'.join(out)
 
 
 def machine() -> str:
@@ -228,6 +361,7 @@ def machine() -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--json', default='', help='write the results to this JSON file')
+  parser.add_argument('--markdown', default='', help='write the tables as Markdown to this file')
   parser.add_argument('--checkpoint', default='', help='trained A-ViT checkpoint (e.g. the '
                       'Fashion-MNIST default) timed on its test images')
   parser.add_argument('--batch-sizes', default='1,8,64')
@@ -271,10 +405,13 @@ def main(argv=None) -> dict:
     result['profiles'][name] = info
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()}
     log(f'# {name}: halting profile {json.dumps(rounded)}')
+    capacity = inference.calibrate_capacity(model, jnp.asarray(calibration))
+    log(f'# {name}: capacity calibrated on the calibration images: {capacity}')
     torch_seconds = None if args.no_torch else torch_peer_seconds(mc, batch_sizes, reps,
                                                                   args.torch_threads)
     images = halting_profiles.synthetic_images(largest, mc.image_size, 2)
-    result['rows'] += bench_model(name, model, mc, images, batch_sizes, reps, torch_seconds, log)
+    result['rows'] += bench_model(name, model, mc, images, batch_sizes, reps, torch_seconds, log,
+                                  capacity)
     train = _train_step_times(mc, train_batch, reps)
     result['train_step'][name] = train
     log(f'# {name} train step (batch {train_batch}): '
@@ -288,9 +425,18 @@ def main(argv=None) -> dict:
       raise ValueError(f'--checkpoint: only Fashion-MNIST models (image_size 28) are timed on '
                        f'real test images, got image_size {mc.image_size}')
     images = _fashion_mnist_test_images(largest, data)
+    capacity = inference.calibrate_capacity(
+        model, jnp.asarray(_fashion_mnist_test_images(2048, data, 'train')))
+    log(f'# {name}: capacity calibrated on 2048 training images: {capacity}')
     torch_seconds = None if args.no_torch else torch_peer_seconds(mc, batch_sizes, reps,
                                                                   args.torch_threads)
-    result['rows'] += bench_model(name, model, mc, images, batch_sizes, reps, torch_seconds, log)
+    result['rows'] += bench_model(name, model, mc, images, batch_sizes, reps, torch_seconds, log,
+                                  capacity)
+    result['capacity_accuracy'] = capacity_accuracy(model, mc, data)
+    for r in result['capacity_accuracy']:
+      log(f'# {name} test set, {r["mode"]}: top-1 {r["top1"]:.4f}, {r["gflops_per_image"]:.5f} '
+          f'GFLOPs/img, tokens cut {100 * r["tokens_cut_fraction"]:.2f}%'
+          + (f', budget {r["capacity"]}' if 'capacity' in r else ''))
     train = _train_step_times(mc, train_batch, reps)
     result['train_step'][name] = train
     log(f'# {name} train step (batch {train_batch}): halting overhead '
@@ -300,6 +446,9 @@ def main(argv=None) -> dict:
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=1)
+  if args.markdown:
+    with open(args.markdown, 'w') as f:
+      f.write(format_markdown(result['rows']))
   return result
 
 

@@ -33,17 +33,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from avit_jax import flops
 from avit_jax.models import halting as halting_lib
 from avit_jax.models.avit import AViT, AViTOutput
 
-MODES = ('dense', 'masked', 'compact')
+MODES = ('dense', 'masked', 'compact', 'capacity')
 PredictFn = Callable[[jax.Array], AViTOutput]
 
 
@@ -296,6 +298,98 @@ def _finish(model, b, n, results: _Results):
                     halting_scores=results.scores.reshape(b, depth, n))
 
 
+# ---------------------------------------------------------------- capacity
+
+
+def _capacity(model, images, chunk_size, capacity):
+  out, _ = _map_chunks(functools.partial(_capacity_forward, model, capacity), images,
+                       chunk_size)
+  # lax.map stacked (and the reshape flattened) halting_mean: it is 0 here anyway.
+  return dataclasses.replace(out, halting_mean=jnp.zeros((model.depth,), jnp.float32))
+
+
+def _capacity_forward(model, capacity, images):
+  """One static graph: before layer l each image keeps at most capacity[l] running tokens.
+
+  Per image the tokens live in capacity[l] slots: the running ones (the class token first,
+  then those with the lowest summed halting score, which have the longest still to run) up
+  to the budget, then halted ones as masked filler. A running token that finds no slot is
+  cut: it halts where it is, as if its score had crossed the threshold at the last layer it
+  ran (depth = layers run, ponder = depth + remainder).
+  """
+  x = model.embed(images)
+  b, n, d = x.shape
+  depth = model.depth
+  token = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  zeros = jnp.zeros((b, n), jnp.float32)
+  state = halting_lib.HaltingState(cumulative=zeros, remainder=zeros + 1.0, mask=zeros + 1.0,
+                                   ponder=zeros, depth=zeros + 1.0, output=zeros[..., None])
+  results = _Results(depth=zeros + 1.0, ponder=zeros, scores=jnp.zeros((b, depth, n)),
+                     class_output=jnp.zeros((b, d), jnp.float32))
+  image = jnp.arange(b)[:, None]
+  for layer, (block, budget) in enumerate(zip(model.blocks, capacity)):
+    running = state.mask > 0
+    priority = jnp.where(running, jnp.where(token == 0, -1.0, state.cumulative), jnp.inf)
+    _, slots = jax.lax.top_k(-priority, budget)  # [B, K]
+    # Cut tokens halt where they are: depth = layers run, ponder = depth + remainder.
+    cut = running & ~jnp.zeros(running.shape, bool).at[image, slots].set(True)
+    cut_token = jnp.where(cut, token, n)  # n: dropped
+    results = dataclasses.replace(
+        results, depth=results.depth.at[image, cut_token].set(state.depth - 1.0, mode='drop'),
+        ponder=results.ponder.at[image, cut_token].set(state.ponder + state.remainder,
+                                                       mode='drop'))
+    x, token = x[image, slots], token[image, slots]
+    state = jax.tree.map(lambda a: a[image, slots], state)
+
+    mask = state.mask
+    x = block(x * mask[..., None].astype(x.dtype), mask=mask)
+    score = halting_lib.halting_score(x, model.gate_scale, model.gate_center)
+    h = jnp.ones_like(score) if layer == depth - 1 else score
+    new = halting_lib.update(state, x, h, model.eps)
+
+    # The class token's output accumulator (the only one the head reads).
+    first = jnp.argmax(token == 0, axis=1)
+    rows = jnp.arange(b)
+    is_class = (token[rows, first] == 0) & (mask[rows, first] > 0)
+    class_state = jax.tree.map(lambda a: a[rows, first], state)
+    class_state = dataclasses.replace(class_state, mask=is_class.astype(jnp.float32),
+                                      output=results.class_output)
+    class_output = halting_lib.update(class_state, x[rows, first], h[rows, first],
+                                      model.eps).output
+
+    ran = jnp.where(mask > 0, token, n)  # n: dropped
+    results = _Results(
+        depth=results.depth.at[image, ran].set(new.depth, mode='drop'),
+        ponder=results.ponder.at[image, ran].set(new.ponder, mode='drop'),
+        scores=results.scores.at[image, layer, ran].set(score, mode='drop'),
+        class_output=class_output)
+    state = dataclasses.replace(new, output=state.output)
+  features = model.norm(results.class_output[:, None, :].astype(model.dtype))
+  return AViTOutput(logits=model.forward_head(features), token_depth=results.depth,
+                    ponder=results.ponder, halting_mean=jnp.zeros((depth,), jnp.float32),
+                    halting_scores=results.scores)
+
+
+def calibrate_capacity(model: AViT, images: jax.Array, *, quantile: float = 1.0,
+                       multiple: int | None = None,
+                       chunk_size: int | None = None) -> tuple[int, ...]:
+  """Per-layer token budgets for mode 'capacity' from the masked model's halting on `images`.
+
+  Budget of layer l: the `quantile` (1.0: the largest) over images of the tokens running at
+  layer l, rounded up to a multiple of `multiple` (None: N // 16 clipped to 1..8, so 8 for
+  197 tokens and 1 for 17) and capped at N. With quantile 1.0 no calibration image loses a
+  token; lower quantiles cut tokens of the busiest images.
+  """
+  if not 0.0 < quantile <= 1.0:
+    raise ValueError(f'quantile must be in (0, 1], got {quantile}')
+  n = model.num_patches + 1
+  multiple = min(8, max(1, n // 16)) if multiple is None else multiple
+  depth = make_predict_fn(model, 'masked', chunk_size=chunk_size)(images).token_depth
+  active = np.asarray(flops.active_tokens_per_layer(depth, model.depth))  # [B, L]
+  per_layer = np.quantile(active, quantile, axis=0, method='higher')
+  return tuple(int(min(n, max(multiple, -(-int(v) // multiple) * multiple))) for v in per_layer)
+
+
 def _round_up(value: int, granule: int, limit: int) -> int:
   return min(limit, max(granule, -(-value // granule) * granule))
 
@@ -316,12 +410,16 @@ class _Params:
 
 
 class Predictor:
-  """predict(images) -> AViTOutput for 'dense' or 'masked'; one program per batch shape."""
+  """predict(images) -> AViTOutput for 'dense', 'masked' or 'capacity': one program per
+  batch shape."""
 
-  def __init__(self, model: AViT, mode: str, *, chunk_size: int):
+  def __init__(self, model: AViT, mode: str, *, chunk_size: int,
+               capacity: tuple[int, ...] | None = None):
     self.model = model
+    self.capacity = capacity
     params = _Params(model)
-    fn = _dense if mode == 'dense' else _masked
+    fn = {'dense': _dense, 'masked': _masked,
+          'capacity': functools.partial(_capacity, capacity=capacity)}[mode]
     self._leaves = params.leaves
     self._jitted = jax.jit(lambda leaves, images: fn(params.merge(leaves), images, chunk_size))
 
@@ -405,12 +503,37 @@ class CompactPredictor:
     return g_rows, g_len
 
   def __call__(self, images: jax.Array) -> AViTOutput:
+    return self._run(images, None)
+
+  def profile(self, images: jax.Array) -> dict:
+    """One run with the device synchronised after every call: where compact's time goes.
+
+    Returns {'seconds': {embed, blocks, repack, finish}, 'block_calls', 'rows_computed' /
+    'rows_running' (token rows the blocks ran, with bucket rounding / needed),
+    'attention_computed' / 'attention_running' (sum of G * n^2 over the groups' padded
+    attention / sum of each image's running tokens squared)}.
+    """
+    stats = dict(seconds=dict(embed=0.0, blocks=0.0, repack=0.0, finish=0.0), block_calls=0,
+                 rows_computed=0, rows_running=0, attention_computed=0, attention_running=0)
+    self._run(images, stats)
+    return stats
+
+  def _run(self, images: jax.Array, stats: dict | None) -> AViTOutput:
     self.model.check_images(images)
+
+    def call(phase, fn, *args):
+      if stats is None:
+        return fn(*args)
+      start = time.perf_counter()
+      out = jax.block_until_ready(fn(*args))
+      stats['seconds'][phase] += time.perf_counter() - start
+      return out
+
     b, n = images.shape[0], self.tokens
     group = self.group_size(b)
     g_rows, g_len = self.granules(group)
     g_prefix, _ = self.granules(b)
-    rows, layout, results = self._embed(self._leaves, images, group)
+    rows, layout, results = call('embed', self._embed, self._leaves, images, group)
     class_output = results.class_output
     counts = np.zeros(layout.counts.shape[0], np.int64)
     counts[:b] = n
@@ -424,23 +547,32 @@ class CompactPredictor:
           break  # images come in decreasing count: the remaining groups are empty
         window = _round_up(int(in_group.sum()), g_rows, group * n)
         n_pad = _round_up(int(in_group[0]), g_len, n)
-        rows, class_output = self._group(group, window, n_pad, leaves, np.int32(layer),
-                                         np.int32(first), rows, layout, class_output)
+        rows, class_output = call('blocks', self._group, group, window, n_pad, leaves,
+                                  np.int32(layer), np.int32(first), rows, layout, class_output)
+        if stats is not None:
+          stats['block_calls'] += 1
+          stats['rows_computed'] += window
+          stats['rows_running'] += int(in_group.sum())
+          stats['attention_computed'] += group * n_pad ** 2
+          stats['attention_running'] += int((in_group ** 2).sum())
       results = dataclasses.replace(results, class_output=class_output)
-      rows, layout, results = self._repack(group, _round_up(total, g_prefix, b * n),
-                                           np.int32(layer), rows, results)
+      rows, layout, results = call('repack', self._repack, group,
+                                   _round_up(total, g_prefix, b * n), np.int32(layer), rows,
+                                   results)
       class_output = results.class_output
       counts = np.asarray(layout.counts)
-    return self._finish(self._leaves, results)
+    return call('finish', self._finish, self._leaves, results)
 
 
 def make_predict_fn(model: AViT, mode: str, *, chunk_size: int | None = None,
-                    token_buckets: int = 32, query_buckets: int = 8) -> PredictFn:
+                    token_buckets: int = 32, query_buckets: int = 8,
+                    capacity: Sequence[int] | None = None) -> PredictFn:
   """Returns predict(images float32 [B, H, W, 3]) -> AViTOutput for `mode` (see MODES).
 
   chunk_size: images per chunk for large batches, and per block group in 'compact' (None:
     `default_chunk_size(model)`; 0: the whole batch).
   token_buckets / query_buckets: bucket granularity of 'compact' (see CompactPredictor).
+  capacity: for 'capacity', the token budget of every layer (see `calibrate_capacity`).
   """
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
@@ -456,4 +588,22 @@ def make_predict_fn(model: AViT, mode: str, *, chunk_size: int | None = None,
   if mode == 'compact':
     return CompactPredictor(view, chunk_size=chunk_size, token_buckets=token_buckets,
                             query_buckets=query_buckets)
-  return Predictor(view, mode, chunk_size=chunk_size)
+  if mode == 'capacity':
+    capacity = _check_capacity(capacity, model)
+  elif capacity is not None:
+    raise ValueError(f"capacity is for mode 'capacity', not {mode!r}")
+  return Predictor(view, mode, chunk_size=chunk_size, capacity=capacity)
+
+
+def _check_capacity(capacity, model: AViT) -> tuple[int, ...]:
+  n, depth = model.num_patches + 1, model.depth
+  hint = ('pass capacity=(K_1, ..., K_L), one token budget per layer, e.g. '
+          'inference.calibrate_capacity(model, images)')
+  if capacity is None:
+    raise ValueError(f"mode 'capacity' needs a token budget per layer: {hint}")
+  budgets = tuple(capacity)
+  if (len(budgets) != depth or not all(isinstance(k, (int, np.integer)) for k in budgets)
+      or not all(1 <= k <= n for k in budgets)):
+    raise ValueError(f'capacity must be {depth} integers in [1, {n}] (layers, tokens of this '
+                     f'model), got {capacity!r}: {hint}')
+  return tuple(int(k) for k in budgets)

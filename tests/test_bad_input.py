@@ -321,7 +321,8 @@ def model():
 
 @pytest.mark.parametrize('mode', inference.MODES)
 def test_predict_rejects_wrong_shape_and_dtype(model, mode):
-  predict = inference.make_predict_fn(model, mode)
+  budget = {'capacity': (model.num_patches + 1,) * model.depth}.get(mode)
+  predict = inference.make_predict_fn(model, mode, capacity=budget)
   for bad in (jnp.zeros((28, 28, 3)), jnp.zeros((2, 28, 28, 1)), jnp.zeros((2, 32, 32, 3))):
     with pytest.raises(ValueError, match=r'expected images of shape \[B, 28, 28, 3\]'):
       predict(bad)
@@ -339,7 +340,9 @@ def test_nan_and_inf_images_give_nan_logits_for_that_image_only(model):
   bad[1] = np.nan
   bad[2, 3, 4, 0] = np.inf
   for mode in inference.MODES:
-    predict = inference.make_predict_fn(model, mode)
+    # capacity: every token has a slot at every layer (no token is cut).
+    budget = {'capacity': (model.num_patches + 1,) * model.depth}.get(mode)
+    predict = inference.make_predict_fn(model, mode, capacity=budget)
     ref, out = predict(jnp.asarray(clean)), predict(jnp.asarray(bad))
     logits, depth = np.asarray(out.logits), np.asarray(out.token_depth)
     assert np.isnan(logits).any(axis=1).tolist() == [False, True, True, False], mode
@@ -348,6 +351,8 @@ def test_nan_and_inf_images_give_nan_logits_for_that_image_only(model):
     np.testing.assert_array_equal(np.asarray(out.ponder)[1:3], full)
     ok = [0, 3]
     np.testing.assert_array_equal(depth[ok], np.asarray(ref.token_depth)[ok])
-    # Compact packs the batch's running tokens into other bucket shapes: fp32 rounding.
+    # Compact packs the batch's running tokens into other bucket shapes, capacity reorders
+    # them: fp32 rounding.
     np.testing.assert_allclose(logits[ok], np.asarray(ref.logits)[ok], rtol=0,
-                               atol=0 if mode != 'compact' else 1e-5, err_msg=mode)
+                               atol=1e-5 if mode in ('compact', 'capacity') else 0,
+                               err_msg=mode)

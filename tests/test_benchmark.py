@@ -28,9 +28,19 @@ def test_rows_are_consistent():
       assert r['gflops_per_image'] < dense  # this model halts early
     if r['mode'] == 'compact':
       assert r['depth_mismatches'] == 0 and r['max_logit_diff'] < 1e-4
+      split = r['time_split']
+      assert split['block_calls'] >= config.depth
+      assert split['rows_rounding'] >= 1.0 and split['attention_padding'] >= 1.0
+      assert 0.0 < split['block_flops_fraction'] < 1.0
+      np.testing.assert_allclose(
+          split['block_efficiency'],
+          split['blocks_ideal_ms'] / (split['ms']['blocks'] + split['ms']['repack']))
+      assert 'block efficiency' in benchmark.format_time_split(split)
   # The peer's (wall, CPU) seconds are reported as given.
   assert rows[3]['ms_per_batch'] == 500.0 and rows[3]['cpu_ms_per_batch'] == 900.0
   assert 'compact' in benchmark.format_table(rows)
+  markdown = benchmark.format_markdown(rows)
+  assert markdown.count('| 4 | compact |') == 1 and 'PyTorch (transformers ViT)' in markdown
 
 
 def test_profile_hits_its_target():

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from avit_jax import config_lib, inference, models
+from avit_jax import config_lib, flops, inference, models
 
 DEPTH = 4
 
@@ -146,3 +146,88 @@ def test_bad_arguments():
     inference.make_predict_fn(deit, 'compact')
   with pytest.raises(ValueError, match=r'expected images of shape \[B, 32, 32, 3\]'):
     inference.make_predict_fn(model, 'compact')(jnp.zeros((2, 28, 28, 3)))
+
+
+def test_profile_counts_the_work_of_the_masked_model():
+  """profile() reports the rows and attention the masked model's halting needs, and what
+  compact computed: images sorted by running tokens, groups of 4, rounded to the buckets."""
+  model = varied_model(2)
+  x = images(8, 2)
+  masked = inference.make_predict_fn(model, 'masked')(x)
+  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, token_buckets=4,
+                                      query_buckets=2)
+  stats = predict.profile(x)
+  active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))  # [B, L]
+  assert stats['rows_running'] == active.sum() == np.asarray(masked.token_depth).sum()
+  assert stats['attention_running'] == (active ** 2).sum()
+  # By hand: 65 tokens; row windows in multiples of 72 (4 * 65 / 4 -> 8s), attention
+  # lengths in multiples of 40 (65 / 2 -> 8s), both capped at the full size.
+  windows, attention, calls = 0, 0, 0
+  for layer in range(DEPTH):
+    counts = np.sort(active[:, layer])[::-1]
+    for group in counts.reshape(2, 4):
+      if group[0]:
+        calls += 1
+        windows += min(4 * 65, -(-group.sum() // 72) * 72)
+        attention += 4 * min(65, -(-group[0] // 40) * 40) ** 2
+  assert (stats['block_calls'], stats['rows_computed'], stats['attention_computed']) == (
+      calls, windows, attention)
+  assert all(s > 0 for s in stats['seconds'].values())
+  assert_same_answers(masked, predict(x))
+
+
+@pytest.mark.parametrize('seed,batch,chunk', [(0, 4, 0), (3, 6, 2)])
+def test_capacity_with_calibrated_budget_matches_masked(seed, batch, chunk):
+  model = varied_model(seed)
+  x = images(batch, seed)
+  masked = inference.make_predict_fn(model, 'masked')(x)
+  budget = inference.calibrate_capacity(model, x)
+  # By hand: the most tokens any image runs at each layer, rounded up to 4 (65 // 16), at
+  # most 65.
+  active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))
+  assert budget == tuple(min(65, -(-int(k) // 4) * 4) for k in active.max(axis=0))
+  assert budget[-1] < 65  # the budget really shrinks
+  predict = inference.make_predict_fn(model, 'capacity', capacity=budget, chunk_size=chunk)
+  out = predict(x)
+  assert_same_answers(masked, out)
+  ran = np.arange(DEPTH)[None, :, None] < np.asarray(masked.token_depth)[:, None, :]
+  np.testing.assert_allclose(out.halting_scores,
+                             np.where(ran, masked.halting_scores, 0.0), atol=1e-5)
+  predict(x + 0.5)  # one program per batch shape, whatever the halting
+  assert predict.compiled_count() == 1
+
+
+def test_capacity_cuts_tokens_over_budget():
+  model = varied_model(2)
+  x = images(8, 2)
+  masked = inference.make_predict_fn(model, 'masked')(x)
+  full = inference.calibrate_capacity(model, x)
+  tight = inference.calibrate_capacity(model, x, quantile=0.25, multiple=1)
+  assert all(t <= f for t, f in zip(tight, full)) and tight != full
+  out = inference.make_predict_fn(model, 'capacity', capacity=tight)(x)
+  depth = np.asarray(out.token_depth)
+  # No layer runs more tokens of an image than its budget, and some tokens were cut.
+  active = np.asarray(flops.active_tokens_per_layer(depth, DEPTH))
+  assert (active <= np.asarray(tight)[None, :]).all()
+  cut = depth < np.asarray(masked.token_depth)
+  assert cut.any()
+  assert np.isfinite(np.asarray(out.logits)).all()
+  # A cut token halts as if at the threshold: ponder = depth + remainder, in (depth, depth + 1].
+  ponder = np.asarray(out.ponder)
+  assert ((ponder[cut] > depth[cut]) & (ponder[cut] <= depth[cut] + 1)).all()
+  # The class token always gets a slot: it runs until it halts by itself.
+  assert (depth[:, 0] >= 1).all() and (active[:, 0] >= 1).all()
+
+
+def test_capacity_bad_budgets():
+  model = varied_model(0)
+  with pytest.raises(ValueError, match=r"mode 'capacity' needs a token budget per layer"):
+    inference.make_predict_fn(model, 'capacity')
+  with pytest.raises(ValueError, match=r'capacity must be 4 integers in \[1, 65\]'):
+    inference.make_predict_fn(model, 'capacity', capacity=(65, 65, 65))
+  with pytest.raises(ValueError, match=r'capacity must be 4 integers in \[1, 65\]'):
+    inference.make_predict_fn(model, 'capacity', capacity=(65, 66, 8, 8))
+  with pytest.raises(ValueError, match=r"capacity is for mode 'capacity', not 'masked'"):
+    inference.make_predict_fn(model, 'masked', capacity=(65,) * 4)
+  with pytest.raises(ValueError, match=r'quantile must be in \(0, 1\]'):
+    inference.calibrate_capacity(model, images(2), quantile=0.0)
