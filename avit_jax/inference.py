@@ -55,7 +55,7 @@ _CPU_CHUNK_FLOATS = 1 << 18
 
 
 def default_chunk_size(model: AViT | None = None) -> int:
-  """Images per chunk on CPU (cache-sized token states; 8 for DeiT-T, 4 for DeiT-S, 64 for
+  """Images per chunk on CPU (cache-sized token states; 8 for DeiT-T, 4 for DeiT-S, 256 for
   the Fashion-MNIST default), 0 (whole batch) on accelerators."""
   if jax.default_backend() != 'cpu':
     return 0
@@ -157,8 +157,10 @@ class _Results:
 
 
 def _embed_rows(model, images, group):
-  """Embeds the batch into rows (all running, image-major) and the starting layout."""
-  x = model.embed(images)
+  """Embeds the batch into rows (all running, image-major) and the starting layout.
+
+  The patch embedding runs in chunks of `group` images, like dense's (cache-sized)."""
+  x, _ = _map_chunks(model.embed, images, group)
   b, n, d = x.shape
   padded_batch = -(-b // group) * group
   total = b * n + group * n
@@ -208,13 +210,14 @@ def _group_block(block, halting_consts, depth, group, window, n_pad, layer, firs
   x = part.x
   qkv = block.attn.qkv(block.norm1(x))
   key_mask = jnp.arange(n_pad)[None, :] < counts[:, None]
-  gather = jnp.minimum(firsts[:, None] + jnp.arange(n_pad)[None, :], window - 1)
-  # Padding keys get zero weight; zeroing them too keeps another image's NaN out.
-  # Row gathers with sorted indices: XLA on CPU copies whole rows for these.
-  take = functools.partial(jnp.take, axis=0, mode='clip', indices_are_sorted=True)
-  padded = take(qkv, gather.reshape(-1)).reshape(group, n_pad, -1)
-  attended = block.attn.attend(jnp.where(key_mask[..., None], padded, 0), key_mask)
-  x = x + block.attn.proj(take(attended.reshape(group * n_pad, -1), slot * n_pad + position))
+  # Padding slots repeat the image's own first row: they get zero weight as keys, and an
+  # image never reads another image's rows (whose NaN would survive 0 * NaN).
+  gather = firsts[:, None] + jnp.where(key_mask, jnp.arange(n_pad)[None, :], 0)
+  padded = jnp.take(qkv, gather.reshape(-1), axis=0, mode='clip').reshape(group, n_pad, -1)
+  attended = block.attn.attend(padded, key_mask)
+  # Back to rows: a row gather with sorted indices (XLA on CPU copies whole rows).
+  x = x + block.attn.proj(jnp.take(attended.reshape(group * n_pad, -1), slot * n_pad + position,
+                                   axis=0, mode='clip', indices_are_sorted=True))
   x = x + block.mlp(block.norm2(x))
 
   # Halting, exactly as AViT.run_halting (h = 1 at the last layer). Only class tokens need
