@@ -36,6 +36,12 @@ def dense_gflops(model_config: ml_collections.ConfigDict) -> float:
   return (embed + layers + head) / 1e9
 
 
+def embed_head_gflops(model_config: ml_collections.ConfigDict) -> float:
+  """GMACs of one image outside the blocks: patch embedding and classifier head."""
+  _, embed, _, head = _geometry(model_config)
+  return (embed + head) / 1e9
+
+
 def active_tokens_per_layer(token_depth, depth: int):
   """token_depth [B, N] (1..L) -> active token count [B, L]: token k runs layer l iff l < n_k."""
   layers = jnp.arange(depth)
@@ -44,9 +50,8 @@ def active_tokens_per_layer(token_depth, depth: int):
 
 def gflops_per_image(token_depth, model_config: ml_collections.ConfigDict):
   """GMACs of each image [B] from its token depths [B, N] (A-ViT: only active tokens)."""
-  _, embed, _, head = _geometry(model_config)
   active = active_tokens_per_layer(token_depth, model_config.depth).astype(jnp.float32)
-  return (embed + head + layer_macs(active, model_config).sum(-1)) / 1e9
+  return embed_head_gflops(model_config) + layer_macs(active, model_config).sum(-1) / 1e9
 
 
 def gflops_summary(token_depth, model_config: ml_collections.ConfigDict) -> dict:

@@ -64,7 +64,7 @@ class Attention(nnx.Module):
   def attend(self, qkv: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     """The attention between the qkv and output projections: qkv [B, N, 3D] -> [B, N, D].
 
-    Separate so that token-packed inference (inference.py) runs qkv / proj on packed rows
+    Separate so that token-packed inference (inference/compact.py) runs qkv / proj on packed rows
     and only this part per image.
     """
     b, n, d3 = qkv.shape
