@@ -74,8 +74,8 @@ def _embed_rows(model, images, group):
       counts=jnp.pad(jnp.full((b,), n, jnp.int32), (0, padded_batch - b)),
       images=jnp.pad(jnp.arange(b, dtype=jnp.int32), (0, padded_batch - b), constant_values=b))
   results = Results(depth=zeros, ponder=zeros,
-                     scores=jnp.zeros((b * model.depth * n,), jnp.float32),
-                     class_output=jnp.zeros((b, d), jnp.float32))
+                    scores=jnp.zeros((b * model.depth * n,), jnp.float32),
+                    class_output=jnp.zeros((b, d), jnp.float32))
   return rows, layout, results
 
 
