@@ -4,7 +4,7 @@ Per-example ops are TensorFlow, stateless in an int [2] seed (so a batch is a fu
 the data seed and step), and follow timm's definitions: RandomResizedCrop (scale 0.08-1,
 log-uniform ratio 3/4-4/3, 10 tries then centre crop), horizontal flip, RandAugment
 (randaugment.py), RandomErasing ('pixel' mode) and the eval resize + centre crop.
-`mix_targets` is pure jnp and runs in the jitted train step (timm Mixup, 'batch' mode).
+`mixup_cutmix` is pure jnp and runs in the jitted train step (timm Mixup, 'batch' mode).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import tensorflow as tf
 
-from avit_jax import losses
 from avit_jax import randaugment
 
 
@@ -189,17 +188,17 @@ def eval_preprocess(data: tf.Tensor, *, encoded: bool, image_size: int, crop_pct
   return normalize(resize_and_center_crop(image, image_size, crop_pct), mean, std)
 
 
-def mix_targets(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes: int,
-                aug_config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-  """timm Mixup (mode 'batch', prob 1) + label smoothing, on device.
+def mixup_cutmix(key: jax.Array, images: jax.Array, targets: jax.Array,
+                 aug_config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """timm Mixup (mode 'batch', prob 1), on device, of images and their soft targets.
 
-  images: [B, H, W, C]; labels: int [B] -> (mixed images [B, H, W, C], targets float32 [B, C]).
-  Image i is mixed with image B-1-i (the flipped batch) with lam ~ Beta(alpha, alpha); cutmix
-  (chosen with probability switch_prob when both are on) pastes a box of the partner and
-  sets lam to the uncovered fraction of the clipped box.
+  images: [B, H, W, C]; targets: float32 [B, C] (e.g. losses.smooth_labels) -> (mixed images
+  [B, H, W, C], mixed targets float32 [B, C]). Image i is mixed with image B-1-i (the flipped
+  batch) with lam ~ Beta(alpha, alpha); cutmix (chosen with probability switch_prob when
+  both are on) pastes a box of the partner and sets lam to the uncovered fraction of the
+  clipped box. With mixup and cutmix off, both come back unchanged.
   """
   mixup, cutmix = float(aug_config.mixup), float(aug_config.cutmix)
-  targets = losses.smooth_labels(labels, num_classes, float(aug_config.label_smoothing))
   if mixup <= 0 and cutmix <= 0:
     return images, targets
   switch_key, lam_key, y_key, x_key = jax.random.split(key, 4)

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from avit_jax import config_lib
 
 PARAMS = 'params'
 METADATA = 'metadata'
@@ -72,49 +76,72 @@ def load_params(directory: str) -> tuple[dict, dict]:
   return jax.tree.map(np.asarray, restored[PARAMS]), dict(metadata or {})
 
 
-def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
-  """Nested dict -> {'a.b.c': leaf} with '.'-joined keys (list indices as numbers)."""
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}.{key}' if prefix else str(key)
-    if isinstance(value, dict):
-      flat.update(flatten(value, name))
-    else:
-      flat[name] = value
-  return flat
+def latest_step_dir(workdir: str) -> str:
+  """The highest-numbered complete step directory WORKDIR/checkpoints/<step>/."""
+  root = os.path.join(workdir, 'checkpoints')
+  steps = []
+  if os.path.isdir(root):
+    # Only all-digit names: orbax writes '<step>.orbax-checkpoint-tmp-*' while saving.
+    steps = [int(n) for n in os.listdir(root)
+             if n.isdigit() and is_checkpoint(os.path.join(root, n))]
+  if not steps:
+    raise CheckpointError(
+        f'no checkpoint under {root} (expected numeric step directories such as '
+        f'{os.path.join(root, "1000")} written by `python -m avit_jax.main`); train first or '
+        'name a checkpoint directory itself (e.g. --config.eval_checkpoint=DIR)')
+  return os.path.join(root, str(max(steps)))
 
 
-def check_compatible(expected: dict, found: dict, what: str) -> None:
-  """Raises CheckpointError listing missing, unexpected and mis-shaped parameters."""
-  want, have = flatten(expected), flatten(found)
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  mismatched = [f'{k}: model {tuple(np.shape(want[k]))} vs checkpoint {tuple(np.shape(have[k]))}'
-                for k in sorted(set(want) & set(have))
-                if tuple(np.shape(want[k])) != tuple(np.shape(have[k]))]
-  if missing or unexpected or mismatched:
-    lines = [f'{what} does not fit the model:']
-    if mismatched:
-      lines.append('  shape mismatches: ' + '; '.join(mismatched))
-    if missing:
-      lines.append('  missing from the checkpoint: ' + ', '.join(missing))
-    if unexpected:
-      lines.append('  not in the model: ' + ', '.join(unexpected))
-    want_geometry, have_geometry = _geometry(want), _geometry(have)
-    differ = [k for k in want_geometry if have_geometry.get(k) not in (None, want_geometry[k])]
-    if differ:
-      lines.append('  hint: the checkpoint has ' + ', '.join(
-          f'{k} {have_geometry[k]}' for k in differ) + ' but the model has ' + ', '.join(
-              f'{k} {want_geometry[k]}' for k in differ) + '; choose the matching config or '
-          'override, e.g. ' + ' '.join(f'--config.model.{k}={have_geometry[k]}' for k in differ))
-    raise CheckpointError('\n'.join(lines))
+def resolve_checkpoint(path: str) -> str:
+  """A checkpoint directory itself, or the latest step of a training workdir."""
+  if is_checkpoint(path):
+    return path
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return latest_step_dir(path)
+  raise CheckpointError(
+      f'{path} is neither a checkpoint (a directory with params/) nor a training workdir '
+      '(a directory with checkpoints/<step>/)')
 
 
-def _geometry(flat: dict) -> dict:
-  """Architecture read off parameter shapes (flat timm-style names): depth, dim, patch,
-  num_classes; a long list of shape mismatches usually comes down to one of these."""
+def misfit_message(header: str, expected: Mapping[str, Any], found: Mapping[str, Any], *,
+                   label: Callable[[str], str] = str,
+                   unknown_names: Sequence[str] = ()) -> str | None:
+  """What makes parameters not fit a model, as an error message; None when they fit.
+
+  expected / found: flat {name: array (or anything with a shape)}, in whatever naming the
+  message should use. Lists mis-shaped, missing and unexpected names with their shapes
+  (`label` may add where a name came from; `unknown_names` are source names that map to
+  nothing), and a hint when the architecture read off the names differs.
+  """
+  shape = lambda a: tuple(np.shape(a))
+  missing = sorted(set(expected) - set(found))
+  unexpected = sorted(set(found) - set(expected))
+  mismatched = [f'{label(k)}: model {shape(expected[k])} vs checkpoint {shape(found[k])}'
+                for k in sorted(set(expected) & set(found))
+                if shape(expected[k]) != shape(found[k])]
+  if not (missing or unexpected or mismatched or unknown_names):
+    return None
+  lines = [header]
+  if mismatched:
+    lines.append('  shape mismatches: ' + '; '.join(mismatched))
+  if missing:
+    lines.append('  missing from the checkpoint: ' + ', '.join(
+        f'{k} {shape(expected[k])}' for k in missing))
+  if unexpected or unknown_names:
+    lines.append('  not in the model: ' + ', '.join(
+        [f'{label(k)} {shape(found[k])}' for k in unexpected] + sorted(unknown_names)))
+  hint = _geometry_hint(_geometry(expected), _geometry(found))
+  if hint:
+    lines.append(hint)
+  return '\n'.join(lines)
+
+
+def _geometry(flat: Mapping[str, Any]) -> dict[str, int]:
+  """Architecture read off parameter names and shapes: depth and width (dim) in any naming,
+  patch and num_classes from native names; a long list of mismatches usually comes down to
+  one of these."""
   geometry = {}
-  blocks = {int(k.split('.')[1]) for k in flat if k.startswith('blocks.')}
+  blocks = {int(k.split('.')[1]) for k in flat if re.match(r'blocks\.\d+\.', k)}
   if blocks:
     geometry['depth'] = max(blocks) + 1
   if 'cls_token' in flat:
@@ -126,24 +153,50 @@ def _geometry(flat: dict) -> dict:
   return geometry
 
 
+def _geometry_hint(model: dict[str, int], found: dict[str, int]) -> str | None:
+  """'hint: the checkpoint has depth 3 and width 192; ... --config.model.depth=3 ...' when
+  the geometries differ: depth and width always (they name the variant), others if they differ."""
+  differ = [k for k in model if found.get(k) not in (None, model[k])]
+  if not differ:
+    return None
+  named = [k for k in ('depth', 'dim') if k in found] + [
+      k for k in ('patch', 'num_classes') if k in differ]
+  parts = [f'{"width" if k == "dim" else k} {found[k]}' for k in named]
+  text = parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1]
+  return (f'  hint: the checkpoint has {text}; choose the matching config or override, e.g. '
+          + ' '.join(f'--config.model.{k}={found[k]}' for k in named))
+
+
 def metadata_json(model_config) -> dict:
   """config.model as plain JSON values (tuples -> lists)."""
   return json.loads(model_config.to_json())
 
 
-def assign_params(model, params: dict, what: str = 'checkpoint') -> None:
-  """Copies a nested dict of arrays into the nnx model's parameters after checking names and shapes."""
+def assign_params(model, params: Mapping, what: str = 'checkpoint') -> None:
+  """Copies parameters (a nested or flat dict of arrays) into the nnx model after checking
+  names and shapes; raises CheckpointError listing what does not fit."""
+  template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  flat = config_lib.flatten(params)
+  message = misfit_message(f'{what} does not fit the model:', config_lib.flatten(template), flat)
+  if message:
+    raise CheckpointError(message)
   state = nnx.state(model, nnx.Param)
-  check_compatible(nnx.to_pure_dict(state), params, what)
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.asarray(a, np.float32), params))
+  nnx.replace_by_pure_dict(state, nest_like(template, flat))
   nnx.update(model, state)
+
+
+def nest_like(template, flat: Mapping[str, Any]):
+  """Flat {'a.b': array} (every name of `template`) -> float32 arrays nested like `template`."""
+  name = lambda path: jax.tree_util.keystr(path, simple=True, separator='.')
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: np.asarray(flat[name(path)], np.float32), template)
 
 
 class TrainCheckpoints:
   """The trainer's orbax CheckpointManager under WORKDIR/checkpoints.
 
   Each step directory holds `params` and `metadata` (so `load_params` reads it), plus
-  `opt_state`, `ema_params` and `train` (JSON: step, epoch, data position, seed). Keeps the
+  `opt_state`, `ema_params` and `train` (JSON: step, epoch, seed, skipped steps). Keeps the
   last `keep` steps and the best by eval top-1; saves asynchronously.
   """
 
@@ -171,7 +224,12 @@ class TrainCheckpoints:
 
   def save(self, step: int, *, params, opt_state, ema_params, train: dict, metadata: dict,
            metrics: dict | None = None) -> None:
-    """params / ema_params: nnx.State or nested dicts of arrays; opt_state: optax state."""
+    """Saves `step` asynchronously, once (a step already saved is left as it is).
+
+    params / ema_params: nnx.State or nested dicts of arrays; opt_state: optax state.
+    """
+    if step in self.manager.all_steps():
+      return
     to_pure = lambda s: nnx.to_pure_dict(s) if isinstance(s, nnx.State) else s
     items = {
         PARAMS: ocp.args.StandardSave(to_pure(params)),
@@ -183,19 +241,26 @@ class TrainCheckpoints:
       items['ema_params'] = ocp.args.StandardSave(to_pure(ema_params))
     self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
-  def restore(self, step: int, *, abstract_params, abstract_opt_state, abstract_ema=None):
-    """Restores onto abstract pytrees (ShapeDtypeStructs carrying shardings).
+  def restore_latest(self, *, abstract_params, abstract_opt_state,
+                     abstract_ema=None) -> dict | None:
+    """The newest complete step restored onto abstract pytrees (ShapeDtypeStructs carrying
+    shardings), or None when there is none yet. The one place a training step is read.
 
-    abstract_params: pure nested dict. Returns (params dict, opt_state, ema dict or None, train).
+    abstract_params / abstract_ema: pure nested dicts. Returns {'params', 'opt_state',
+    'ema_params' (None without EMA), 'train' (JSON: step, epoch, seed, nonfinite_steps)}.
     """
+    step = self.manager.latest_step()
+    if step is None:
+      return None
     items = {PARAMS: ocp.args.StandardRestore(abstract_params),
              'opt_state': ocp.args.StandardRestore(abstract_opt_state),
              'train': ocp.args.JsonRestore()}
     if abstract_ema is not None:
       items['ema_params'] = ocp.args.StandardRestore(abstract_ema)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return (restored[PARAMS], restored['opt_state'],
-            restored['ema_params'] if abstract_ema is not None else None, restored['train'])
+    return {'params': restored[PARAMS], 'opt_state': restored['opt_state'],
+            'ema_params': restored['ema_params'] if abstract_ema is not None else None,
+            'train': dict(restored['train'])}
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

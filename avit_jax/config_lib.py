@@ -1,8 +1,17 @@
-"""Defaults shared by every config file, and start-up validation of a config.
+"""Defaults shared by every config file, and the generic checks of a config.
 
 Config files (configs/*.py) start from `base_config()` and change what differs, so every
-run has every field and a typo in an override fails loudly.
+run has every field and a typo in an override fails loudly. Each section of a config is
+checked by the module that uses it (`train.validate_config` calls them in turn); this module
+checks only that every field has its default's type. It imports nothing but ml_collections
+and the standard library, so configs load without jax or tensorflow.
 """
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -42,7 +51,7 @@ def model_config(size: str = 'tiny', *, halting: bool = True) -> ml_collections.
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with DeiT-recipe defaults."""
   config = ml_collections.ConfigDict()
-  config.mode = 'train'  # 'train' (with periodic eval) or 'eval' (evaluate a checkpoint)
+  config.mode = 'train'  # one of RUN_MODES: 'train' (with periodic eval) or 'eval' (a checkpoint)
   config.seed = 0
   config.batch_size = 512  # global, over all devices and hosts
   config.eval_batch_size = 512
@@ -61,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = model_config('tiny')
 
   config.data = ml_collections.ConfigDict(dict(
-      source='imagenet2012',  # 'imagenet2012' (tfds), 'folder', 'fashion_mnist'
+      source='imagenet2012',  # data_sources.SOURCES: 'imagenet2012' (tfds), 'folder', ...
       data_dir='',            # tfds data_dir, folder root, or IDX directory
       train_split='train',
       eval_split='validation',
@@ -112,78 +121,71 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-SOURCES = ('imagenet2012', 'folder', 'fashion_mnist')
-MODES = ('train', 'eval')
+# What `config.mode` may be: train (with periodic evaluation) or evaluate a checkpoint.
+RUN_MODES = ('train', 'eval')
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
-  """Fails fast, before anything compiles, on impossible values; names field, value, fix."""
-  import jax  # local: configs stay importable without jax
+def flatten(tree, prefix: str = '') -> dict[str, Any]:
+  """Nested dicts / ConfigDicts -> {'a.b.c': leaf}, keys joined by '.' (list indices as numbers).
 
-  from avit_jax import losses, models
+  How config fields and parameters are named one by one (diffs, typo hints, checkpoints).
+  Anything that is not a mapping (arrays, tuples, None) is a leaf.
+  """
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}.{key}' if prefix else str(key)
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      flat.update(flatten(value, name))
+    else:
+      flat[name] = value
+  return flat
 
-  def fail(field, value, allowed):
-    raise ValueError(f'config.{field}={value!r} is invalid: {allowed}')
 
-  _check_types(config, base_config(), fail)
-  if config.mode not in MODES:
-    fail('mode', config.mode, f'expected one of {MODES}')
-  if config.data.source not in SOURCES:
-    fail('data.source', config.data.source, f'expected one of {SOURCES}')
-  devices = jax.device_count() if device_count is None else device_count
-  for field in ('batch_size', 'eval_batch_size'):
-    value = config[field]
-    if not isinstance(value, int) or value <= 0:
-      fail(field, value, 'expected a positive integer')
-    if value % devices:
-      fail(field, value, f'must be divisible by the number of devices ({devices}); use a '
-                         f'multiple of {devices}')
-  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    if config[field] <= 0:
-      fail(field, config[field], 'expected a positive integer')
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    fail('num_epochs', config.num_epochs, 'expected > 0 (or num_train_steps > 0)')
-  if config.eval_every_steps < 0:
-    fail('eval_every_steps', config.eval_every_steps, 'expected >= 0 (0: once per epoch)')
-  models.model_kwargs(config.model)  # architecture checks (patch divides image, heads, dtype)
-  if config.model.gate_scale <= 0:
-    fail('model.gate_scale', config.model.gate_scale, 'expected > 0')
-  if not 0.0 < config.model.eps < 1.0:
-    fail('model.eps', config.model.eps, 'expected a value in (0, 1)')
-  if not 0.0 <= config.model.drop_path_rate < 1.0:
-    fail('model.drop_path_rate', config.model.drop_path_rate, 'expected a value in [0, 1)')
-  if config.model.halting:
-    losses.prior_target(config.model.depth, config.loss.prior_target_depth, config.loss.prior_std)
-  if config.optimizer.lr <= 0:
-    fail('optimizer.lr', config.optimizer.lr, 'expected > 0')
-  if not 0.0 <= config.optimizer.ema_decay < 1.0:
-    fail('optimizer.ema_decay', config.optimizer.ema_decay, 'expected a value in [0, 1)')
-  if config.mode == 'train' and config.init_from and not isinstance(config.init_from, str):
-    fail('init_from', config.init_from, 'expected a checkpoint directory path')
+def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str],
+                     config_path: str) -> str | None:
+  """For the first `--config.<name>=...` of argv that names no field of `config`: an error
+  naming it and the nearest valid fields (config_flags names only the name's last part)."""
+  valid = sorted(flatten(config))
+  for arg in argv:
+    if arg.startswith('--config.'):
+      name = arg[len('--config.'):].split('=', 1)[0]
+      if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        hint = f'; did you mean {", ".join(close)}?' if close else ''
+        return (f'unknown config field {name!r}{hint} (valid fields are listed in '
+                f'{config_path}; see avit_jax/config_lib.py)')
+  return None
+
+
+def invalid(field: str, value, allowed: str) -> ValueError:
+  """The error for an impossible config value: names the field, the value and what is allowed."""
+  return ValueError(f'config.{field}={value!r} is invalid: {allowed}')
 
 
 _TYPE_NAMES = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string',
                tuple: 'a list of values'}
+_TYPE_CHECKS = {bool: lambda v: isinstance(v, bool),
+                int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+                float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                str: lambda v: isinstance(v, str),
+                tuple: lambda v: isinstance(v, (tuple, list))}
 
 
-def _check_types(config, reference, fail, prefix: str = '') -> None:
+def check_types(config: ml_collections.ConfigDict,
+                reference: ml_collections.ConfigDict | None = None, prefix: str = '') -> None:
   """Each field has the type of its base_config() default (a config built from a plain
   dict is not type-checked by ConfigDict; an int is accepted where a float is expected)."""
+  reference = base_config() if reference is None else reference
   for key, default in reference.items():
     if key not in config:
       continue
     value, name = config[key], f'{prefix}{key}'
     if isinstance(default, ml_collections.ConfigDict):
       if not hasattr(value, 'items'):
-        fail(name, value, 'expected a group of fields')
-      _check_types(value, default, fail, name + '.')
+        raise invalid(name, value, 'expected a group of fields')
+      check_types(value, default, name + '.')
       continue
     kind = type(default)
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str),
-          tuple: lambda v: isinstance(v, (tuple, list))}.get(kind, lambda v: True)
-    if not ok(value):
-      fail(name, value, f'expected {_TYPE_NAMES[kind]} ({kind.__name__}), got '
-                        f'{type(value).__name__}')
+    if not _TYPE_CHECKS.get(kind, lambda v: True)(value):
+      raise invalid(name, value, f'expected {_TYPE_NAMES[kind]} ({kind.__name__}), got '
+                                 f'{type(value).__name__}')

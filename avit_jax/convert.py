@@ -7,27 +7,26 @@
 Sources: DeiT / A-ViT `.pth` ({'model': state_dict}), timm state dicts (`.pth`, `.bin`,
 `model.safetensors`) and Hugging Face ViT checkpoints (renamed to timm names first, q/k/v
 fused). A-ViT adds no parameters: its halting neuron is channel 0 of each block output, and
-the gate scale / centre come from config.model. Fine-tuning helpers as in timm: a head of
-another size is re-initialised, and the position embedding is resampled (bicubic over the
-patch grid, class token kept) when the image size differs.
+the gate scale / centre come from config.model. The renamed arrays then go through the
+fine-tuning rules of finetune.py, as `config.init_from` does: a head of another size is
+re-initialised, and the position embedding is resampled when the image size differs.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import sys
 from typing import Mapping
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from avit_jax import checkpoints, models
+from avit_jax import checkpoints, config_lib, finetune, models
+from avit_jax.finetune import resample_pos_embed
 from avit_jax.torch_io import (ConvertError, read_state_dict, unwrap_state_dict,
                                write_safetensors)
 
@@ -151,122 +150,40 @@ def _is_hf(names) -> bool:
   return any(re.match(r'(vit\.|deit\.)?(embeddings|encoder\.layer|layers)\.', n) for n in names)
 
 
-def _flat_params(model_or_params: nnx.Module | Mapping) -> dict[str, np.ndarray]:
-  if isinstance(model_or_params, Mapping):
-    params = model_or_params
-  else:
-    params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
-  return {k: np.asarray(v) for k, v in checkpoints.flatten(params).items()}
+def _translate(flat: Mapping[str, np.ndarray], *, to_torch: bool) -> tuple[dict, dict]:
+  """Flat avit_jax names <-> timm names in torch layouts, by TIMM_TABLE. Returns (translated,
+  {name: array} of the names the table does not know, untouched)."""
+  src, dst, transforms = (1, 0, _TO_TORCH) if to_torch else (0, 1, _TO_JAX)
+  out, unknown = {}, {}
+  for name, value in flat.items():
+    renamed = _rename(name, TIMM_TABLE, src, dst)
+    if renamed is None:
+      unknown[name] = value
+      continue
+    new_name, row = renamed
+    out[new_name] = transforms[row[2]](np.asarray(value))
+  return out, unknown
 
 
 def to_torch_state_dict(model_or_params: nnx.Module | Mapping) -> dict[str, np.ndarray]:
   """avit_jax model (or its nested param dict) -> timm-named arrays in torch layouts."""
-  out, unknown = {}, []
-  for name, value in _flat_params(model_or_params).items():
-    renamed = _rename(name, TIMM_TABLE, 1, 0)
-    if renamed is None:
-      unknown.append(name)
-      continue
-    torch_name, row = renamed
-    out[torch_name] = np.ascontiguousarray(_TO_TORCH[row[2]](value), dtype=np.float32)
+  params = (model_or_params if isinstance(model_or_params, Mapping)
+            else nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param)))
+  out, unknown = _translate(config_lib.flatten(params), to_torch=True)
   if unknown:
     raise ConvertError(f'parameters with no timm name: {", ".join(sorted(unknown))}')
-  return out
-
-
-def resample_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
-  """float32[1, 1 + g*g, D] -> [1, 1 + grid*grid, D]: bicubic over the patch grid.
-
-  The class token's entry is kept as is. Matches timm's resample_abs_pos_embed (torch
-  bicubic, antialias=True, align_corners=False: the same a = -0.5 Keys kernel) up to
-  float32 rounding.
-  """
-  _, n, d = pos_embed.shape
-  old = math.isqrt(n - 1)
-  if old * old != n - 1:
-    raise ConvertError(f'pos_embed has {n} tokens: expected 1 class token plus a square '
-                       'grid of patches')
-  patches = pos_embed[0, 1:].reshape(old, old, d)
-  resized = jax.image.resize(patches, (grid, grid, d), method='bicubic', antialias=True)
-  resized = np.asarray(resized, np.float32).reshape(1, grid * grid, d)
-  return np.concatenate([pos_embed[:, :1], resized], axis=1)
-
-
-def _shape(a) -> tuple:
-  return tuple(np.shape(a))
-
-
-def _fine_tune(source: dict, expected: dict, model_config) -> dict:
-  """Re-initialised head / resampled pos_embed, in place in `source`. Returns what changed."""
-  changes = {}
-  head = source.get('head.weight')
-  if head is None and 'head.bias' not in source:
-    changes['head_reinitialized'] = f'none in checkpoint -> {model_config.num_classes}'
-  elif (head is not None and _shape(head) != _shape(expected['head.weight'])
-        and head.ndim == 2 and head.shape[1] == expected['head.weight'].shape[1]):
-    changes['head_reinitialized'] = f'{head.shape[0]} -> {model_config.num_classes}'
-    del source['head.weight']
-    source.pop('head.bias', None)
-  if 'head_reinitialized' in changes:
-    logging.warning('Checkpoint head classes %s (config.model.num_classes): re-initialising '
-                    'the head (truncated normal, std 0.02; zero bias).',
-                    changes['head_reinitialized'])
-  pos, want = source.get('pos_embed'), expected['pos_embed']
-  old = math.isqrt(pos.shape[1] - 1) if pos is not None and pos.ndim == 3 and pos.shape[1] else 0
-  # Only a square patch grid of the same width is resampled; anything else is a mismatch.
-  if (old and old * old == pos.shape[1] - 1 and pos.shape[-1] == want.shape[-1]
-      and _shape(pos) != _shape(want)):
-    grid = math.isqrt(want.shape[1] - 1)
-    source['pos_embed'] = resample_pos_embed(pos, grid)
-    changes['pos_embed_resampled'] = f'{old}x{old} -> {grid}x{grid}'
-    logging.warning('Resampled pos_embed from a %dx%d to a %dx%d patch grid (bicubic, class '
-                    'token kept) for image_size %d.', old, old, grid, grid,
-                    model_config.image_size)
-  return changes
-
-
-def _mismatch_error(what: str, source: dict, expected: dict, origin: dict, unknown_src: list,
-                    model_config, keep: set) -> ConvertError | None:
-  """Lists missing / unknown / mis-shaped names (both shapes); `keep` may be missing."""
-  def label(name):
-    return f'{name} (file: {origin[name]})' if origin.get(name, name) != name else name
-
-  missing = sorted(set(expected) - set(source) - keep)
-  unexpected = sorted(set(source) - set(expected))
-  mismatched = [f'{label(k)}: model {_shape(expected[k])} vs checkpoint {_shape(source[k])}'
-                for k in sorted(set(expected) & set(source))
-                if _shape(expected[k]) != _shape(source[k])]
-  if not (missing or unexpected or mismatched or unknown_src):
-    return None
-  c = model_config
-  lines = [f'{what} does not fit config.model (dim={c.dim}, depth={c.depth}, heads={c.heads}, '
-           f'patch={c.patch}, image_size={c.image_size}, num_classes={c.num_classes}); '
-           'names and shapes in timm / torch layout:']
-  if mismatched:
-    lines.append('  shape mismatches: ' + '; '.join(mismatched))
-  if missing:
-    lines.append('  missing from the checkpoint: ' + ', '.join(
-        f'{k} {_shape(expected[k])}' for k in missing))
-  if unexpected or unknown_src:
-    lines.append('  not in the model: ' + ', '.join(
-        [f'{label(k)} {_shape(source[k])}' for k in unexpected] + sorted(unknown_src)))
-  depths = {int(m.group(1)) for k in source for m in [re.match(r'blocks\.(\d+)\.', k)] if m}
-  dim = _shape(source['cls_token'])[-1] if 'cls_token' in source else None
-  if (depths and max(depths) + 1 != c.depth) or (dim and dim != c.dim):
-    lines.append(f'  hint: the checkpoint has depth {max(depths) + 1 if depths else "?"} and '
-                 f'width {dim}; choose the matching config or override, e.g. '
-                 f'--config.model.depth={max(depths) + 1 if depths else c.depth} '
-                 f'--config.model.dim={dim or c.dim}')
-  return ConvertError('\n'.join(lines))
+  return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
 def torch_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping,
                     model_config: ml_collections.ConfigDict,
                     what: str = 'checkpoint') -> tuple[dict, dict]:
-  """timm / HF names -> nested params shaped like `template` (the model's pure param dict).
+  """timm / HF names -> params nested like `template` (the model's pure param dict).
 
-  Entries of the template the source does not provide (a re-initialised head) are kept.
-  Returns (params, info) with info describing the source format and any fine-tune change.
+  The fine-tuning rules (finetune.adapt_params) run on the renamed arrays: a head for another
+  class count comes from the template, pos_embed is resampled. Returns (params, info) with
+  info describing the source format and what was adapted. A misfit is reported in timm
+  names and torch layouts, as the file has them.
   """
   source = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
   info = {'source_format': 'timm'}
@@ -281,22 +198,23 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping,
         'second, distillation token and head). avit_jax models have a class token only: '
         'convert the non-distilled weights (e.g. deit_tiny_patch16_224-a1311bcf.pth or '
         'facebook/deit-tiny-patch16-224) instead.')
-  expected = to_torch_state_dict(template)
-  info.update(_fine_tune(source, expected, model_config))
-  keep = {'head.weight', 'head.bias'} if 'head_reinitialized' in info else set()
-  error = _mismatch_error(what, source, expected, origin, unknown_src, model_config, keep)
-  if error:
-    raise error
-  flat = {}
-  for torch_name, value in source.items():
-    jax_name, row = _rename(torch_name, TIMM_TABLE, 0, 1)
-    flat[jax_name] = np.ascontiguousarray(_TO_JAX[row[2]](value))
-
-  def pick(path, leaf):
-    name = '.'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-    return flat.get(name, np.asarray(leaf, np.float32))
-
-  return jax.tree_util.tree_map_with_path(pick, dict(template)), info
+  native, untranslated = _translate(source, to_torch=False)
+  expected = config_lib.flatten(template)
+  native, changes = finetune.adapt_params(native, expected, model_config)
+  info.update(changes)
+  # The check runs on what will be loaded; the message speaks the file's names and layouts.
+  found_torch, _ = _translate(native, to_torch=True)
+  expected_torch, _ = _translate(expected, to_torch=True)
+  c = model_config
+  message = checkpoints.misfit_message(
+      f'{what} does not fit config.model (dim={c.dim}, depth={c.depth}, heads={c.heads}, '
+      f'patch={c.patch}, image_size={c.image_size}, num_classes={c.num_classes}); names and '
+      'shapes in timm / torch layout:', expected_torch, {**found_torch, **untranslated},
+      label=lambda k: f'{k} (file: {origin[k]})' if origin.get(k, k) != k else k,
+      unknown_names=unknown_src)
+  if message:
+    raise ConvertError(message)
+  return checkpoints.nest_like(dict(template), native), info
 
 
 def _load_into(src, model_config, seed: int):

@@ -17,7 +17,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from avit_jax import config_lib
+
 SOURCES = ('imagenet2012', 'folder', 'fashion_mnist')
+# Files an image folder may hold (what augment.decode reads); visualize accepts the same.
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.gif', '.webp')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_FILES = {'train': 'train', 'test': 't10k'}
@@ -170,7 +173,7 @@ def tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in MANUAL_DIR, run `tfds build '
         'imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DATA_DIR` and set '
         '--config.data.data_dir=DATA_DIR (a gs:// bucket works); or use an image folder with '
-        '--config.data.source=folder. See README, "Data".')
+        '--config.data.source=folder. See docs/data.md.')
   return builder
 
 
@@ -198,9 +201,10 @@ def table(config: ml_collections.ConfigDict, split: str) -> Table:
   return tfdstable(source, data_dir, split)
 
 
-def check_source(config: ml_collections.ConfigDict):
-  if config.data.source not in SOURCES:
-    raise ValueError(f'config.data.source must be one of {SOURCES}, got {config.data.source!r}')
+def check_config(data_config: ml_collections.ConfigDict) -> None:
+  """The one check of config.data: a known source (the files are checked when read)."""
+  if data_config.source not in SOURCES:
+    raise config_lib.invalid('data.source', data_config.source, f'expected one of {SOURCES}')
 
 
 def prepare_imagenet(config: ml_collections.ConfigDict, manual_dir: str) -> str:

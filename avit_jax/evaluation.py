@@ -11,7 +11,6 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -43,7 +42,9 @@ def evaluate(sums_fn: Callable[[dict], dict], batches: Iterable[dict], *,
              num_tokens: int, dense_gflops: float) -> dict:
   """Runs `sums_fn` (batch -> eval_sums dict, jitted) over every batch; returns the metrics.
 
-  images_per_second excludes the first batch (compilation) when there is more than one.
+  num_tokens: N (models.num_tokens). images_per_second excludes the first batch
+  (compilation) when there is more than one. The gflops_* values are multiply-adds, as
+  published FLOPs counts are (docs/algorithm.md, "FLOPs").
   """
   totals, images, start, first_done = None, 0.0, None, 0.0
   for batch in batches:
@@ -71,7 +72,3 @@ def evaluate(sums_fn: Callable[[dict], dict], batches: Iterable[dict], *,
       'compute_fraction': gflops / dense_gflops,
       'images_per_second': timed / elapsed if timed > 0 and elapsed > 0 else float('nan'),
   }
-
-
-def num_tokens(model_config: ml_collections.ConfigDict) -> int:
-  return (model_config.image_size // model_config.patch) ** 2 + 1

@@ -2,7 +2,7 @@
 
 config.data.source picks the data:
   'imagenet2012'   tensorflow-datasets, prepared once (`--prepare_imagenet MANUAL_DIR` below, or
-                   `tfds build`; README); data_dir may be gs://.
+                   `tfds build`; docs/data.md); data_dir may be gs://.
   'folder'         data_dir/<split>/<class>/*.{JPEG,jpg,png,...}; class index = sorted folder
                    names of the train split ('validation' falls back to data_dir/val).
   'fashion_mnist'  gzipped IDX files in data_dir, else tfds 'fashion_mnist'.
@@ -59,7 +59,7 @@ def _streams(config: ml_collections.ConfigDict) -> bool:
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   """Number of examples in `split` of config.data.source (the whole split, all hosts)."""
-  data_sources.check_source(config)
+  data_sources.check_config(config.data)
   if config.data.source == 'imagenet2012':
     return data_sources.tfds_builder(config).info.splits[split].num_examples
   return len(data_sources.table(config, split))
@@ -214,7 +214,7 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
   The batch at step s depends only on (config.seed, s, process index, P): starting at
   `start_step` yields what an uninterrupted iterator yields from that step on.
   """
-  data_sources.check_source(config)
+  data_sources.check_config(config.data)
   host, hosts = _process(process_index, process_count)
   batch = _per_host(config.batch_size, hosts, 'batch_size')
   if start_step < 0:
@@ -241,7 +241,7 @@ def eval_iterator(config: ml_collections.ConfigDict, *, process_index: int | Non
   b = eval_batch_size / P; every process yields the same number of batches, padding
   (mask 0) fills the last ones.
   """
-  data_sources.check_source(config)
+  data_sources.check_config(config.data)
   host, hosts = _process(process_index, process_count)
   batch = _per_host(config.eval_batch_size, hosts, 'eval_batch_size')
   split, limit = config.data.eval_split, config.num_eval_images

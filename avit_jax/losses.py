@@ -1,4 +1,4 @@
-"""A-ViT training losses (../shared/AVIT.md "Losses"). Pure functions of arrays and floats."""
+"""A-ViT training losses (docs/algorithm.md, "Losses"). Pure functions of arrays and floats."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from jax.scipy.stats import norm
 
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-  """int [B] -> float32 [B, C]: 1 - smoothing + smoothing / C on the label, smoothing / C elsewhere."""
+  """int [B] -> float32 [B, C]: 1 - smoothing + smoothing / C on the label, smoothing / C
+  elsewhere (the targets mixup / cutmix then mix)."""
   off = smoothing / num_classes
   return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
 
@@ -24,18 +25,22 @@ def ponder_loss(ponder: jax.Array, weight: float) -> jax.Array:
   return weight * ponder.mean()
 
 
+def check_prior_target(depth: int, target_depth: float) -> None:
+  """The prior's target depth mu must leave 1..L layers to sum over; raises ValueError."""
+  if not 0 < int(target_depth) <= depth:
+    raise ValueError(f'loss.prior_target_depth must be in (0, {depth}] for a depth-{depth} '
+                     f'model, got {target_depth}')
+
+
 def prior_target(depth: int, target_depth: float, std: float) -> jax.Array:
   """Gaussian target T[l], l = 0..L-1, scaled so that T[0] + ... + T[mu-1] = 0.98.
 
   Deliberately not a distribution (its sum is above 1): that is the published prior.
   """
+  check_prior_target(depth, target_depth)
   layers = jnp.arange(depth, dtype=jnp.float32)
   pdf = norm.pdf(layers, loc=target_depth, scale=std)
-  head = int(target_depth)
-  if not 0 < head <= depth:
-    raise ValueError(f'loss.prior_target_depth must be in (0, {depth}] for a depth-{depth} '
-                     f'model, got {target_depth}')
-  return pdf * (0.98 / pdf[:head].sum())
+  return pdf * (0.98 / pdf[:int(target_depth)].sum())
 
 
 def prior_loss(halting_mean: jax.Array, target: jax.Array, weight: float) -> jax.Array:

@@ -1,17 +1,18 @@
 """Command line: `python -m avit_jax.main --config configs/tiny.py --workdir DIR [--config.x=y]`.
 
-Parses flags, starts multi-host JAX when asked, and calls train.train_and_evaluate.
+Parses flags, starts multi-host JAX when asked, calls train.train_and_evaluate, and then
+writes the run's figures (config.write_depth_maps) with avit_jax.visualize.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from avit_jax import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
                                           lock_config=True)
@@ -41,35 +42,26 @@ def _maybe_initialize_distributed() -> None:
 
 
 def _check_override_names(argv: list[str]) -> None:
-  """A mistyped --config.field names the field and the nearest valid ones, before parsing."""
+  """Exits naming an unknown --config.field and the nearest valid ones."""
   config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if config_path is None and '--config' in argv:
+  if config_path is None and '--config' in argv[:-1]:
     config_path = argv[argv.index('--config') + 1]
-  if not config_path or not os.path.exists(config_path):
+  if not config_path or not os.path.exists(config_path.partition(':')[0]):
     return
-  path, _, arg = config_path.partition(':')
-  spec = importlib.util.spec_from_file_location('_avit_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  valid = set(_flat_names(config))
-  for arg in argv:
-    if arg.startswith('--config.'):
-      name = arg[len('--config.'):].split('=', 1)[0]
-      if name not in valid:
-        close = difflib.get_close_matches(name, sorted(valid), n=3, cutoff=0.5)
-        hint = f'; did you mean {", ".join(close)}?' if close else ''
-        sys.exit(f'error: unknown config field {name!r}{hint} (valid fields are listed in '
-                 f'{config_path}; see avit_jax/config_lib.py)')
+  config = flags.FLAGS['config'].parser.parse(config_path)  # config_flags' own loader
+  message = config_lib.unknown_override(config, argv, config_path)
+  if message:
+    sys.exit(f'error: {message}')
 
 
-def _flat_names(config, prefix=''):
-  for key, value in config.items():
-    name = f'{prefix}{key}'
-    if hasattr(value, 'items'):
-      yield from _flat_names(value, name + '.')
-    else:
-      yield name
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing (its one-line errors and exit status 1), with a better message for an
+  unknown --config.field, which config_flags refuses with a KeyError / AttributeError."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError):
+    _check_override_names(argv)
+    raise
 
 
 class _QuietLibraries:
@@ -91,14 +83,14 @@ def main(argv) -> None:
   _maybe_initialize_distributed()
   import jax
 
-  from avit_jax import checkpoints, config_lib, train, workdir
+  from avit_jax import checkpoints, train, workdir
 
   config = _CONFIG.value
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
   try:  # Config mistakes: one line naming field, value and fix, before anything compiles.
-    config_lib.validate(config)
+    train.validate_config(config)
   except (ValueError, TypeError) as e:
     sys.exit(f'error: {e}')
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
@@ -114,12 +106,15 @@ def main(argv) -> None:
     # traceback would only hide it.
     logging.error('%s', e)
     sys.exit(f'error: {e}')
+  if (config.mode == 'train' and config.write_depth_maps and config.model.halting
+      and jax.process_index() == 0):
+    from avit_jax import visualize
+    visualize.write_training_figures(config, _WORKDIR.value)
 
 
 def run() -> None:
-  _check_override_names(sys.argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -7,7 +7,18 @@ import jax
 import ml_collections
 import optax
 
+from avit_jax import config_lib
+
 NO_DECAY_NAMES = ('pos_embed', 'cls_token')
+
+
+def check_config(optimizer_config: ml_collections.ConfigDict) -> None:
+  """The one check of config.optimizer; raises ValueError naming field, value and fix."""
+  if optimizer_config.lr <= 0:
+    raise config_lib.invalid('optimizer.lr', optimizer_config.lr, 'expected > 0')
+  if not 0.0 <= optimizer_config.ema_decay < 1.0:
+    raise config_lib.invalid('optimizer.ema_decay', optimizer_config.ema_decay,
+                             'expected a value in [0, 1)')
 
 
 def scaled_lr(optimizer_config: ml_collections.ConfigDict, batch_size: int) -> float:
@@ -25,15 +36,11 @@ def schedule(optimizer_config: ml_collections.ConfigDict, batch_size: int, total
       end_value=optimizer_config.min_lr)
 
 
-def _path_name(path) -> str:
-  return '.'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-
-
 def decay_mask(params):
   """True where weight decay applies: matrices and kernels, not biases, norms or embeddings."""
   def decays(path, leaf):
-    name = _path_name(path)
-    return leaf.ndim >= 2 and not any(n in name.split('.') for n in NO_DECAY_NAMES)
+    names = jax.tree_util.keystr(path, simple=True, separator='.').split('.')
+    return leaf.ndim >= 2 and not any(n in names for n in NO_DECAY_NAMES)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

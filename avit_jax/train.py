@@ -1,4 +1,5 @@
-"""A-ViT / DeiT training: state, pure jitted steps, the loop and `train_and_evaluate`.
+"""A-ViT / DeiT training as the Flax examples write it: config check, state, pure jitted
+steps, and one `train_and_evaluate` loop.
 
 One `jax.jit` train step over a mesh of all devices: the batch is sharded on the batch
 axes, parameters and optimizer state are replicated (or fsdp-sharded). The data order and
@@ -14,6 +15,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,9 +25,10 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx, struct
+from jax.sharding import Mesh
 
-from avit_jax import (augment, checkpoints, config_lib, evaluation, flops, input_pipeline, losses,
-                      models, optim, sharding)
+from avit_jax import (augment, checkpoints, config_lib, data_sources, evaluation, finetune, flops,
+                      input_pipeline, losses, models, optim, sharding)
 from avit_jax.metric_writer import MetricWriter
 from avit_jax.workdir import Workdir, write_json
 
@@ -33,11 +36,91 @@ EVAL_FILE = 'eval.json'
 
 
 class NonFiniteLossError(FloatingPointError):
-  pass
+  """A step's loss or gradient was not finite (and skip_nonfinite_steps is off)."""
 
 
 class Preempted(RuntimeError):
   """SIGTERM stopped training after a checkpoint was written; rerun the command to resume."""
+
+
+# --- config --------------------------------------------------------------------------------
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Fails fast, before anything compiles, on impossible values; names field, value, fix.
+
+  Each section is checked once, by the module that uses it, in this order: every field's
+  type, the run mode, the data source, the run's lengths (here), the model, the losses,
+  the optimizer.
+  """
+  config_lib.check_types(config)
+  if config.mode not in config_lib.RUN_MODES:
+    raise config_lib.invalid('mode', config.mode, f'expected one of {config_lib.RUN_MODES}')
+  data_sources.check_config(config.data)
+  _check_run_lengths(config, jax.device_count() if device_count is None else device_count)
+  models.check_config(config.model)
+  if config.model.halting:
+    losses.check_prior_target(config.model.depth, config.loss.prior_target_depth)
+  optim.check_config(config.optimizer)
+
+
+def _check_run_lengths(config: ml_collections.ConfigDict, devices: int) -> None:
+  """Batch sizes, intervals and duration, the fields the loop below reads."""
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if not isinstance(value, int) or value <= 0:
+      raise config_lib.invalid(field, value, 'expected a positive integer')
+    if value % devices:
+      raise config_lib.invalid(field, value, f'must be divisible by the number of devices '
+                                             f'({devices}); use a multiple of {devices}')
+  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if config[field] <= 0:
+      raise config_lib.invalid(field, config[field], 'expected a positive integer')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise config_lib.invalid('num_epochs', config.num_epochs,
+                             'expected > 0 (or num_train_steps > 0)')
+  if config.eval_every_steps < 0:
+    raise config_lib.invalid('eval_every_steps', config.eval_every_steps,
+                             'expected >= 0 (0: once per epoch)')
+
+
+def run_length(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, int]:
+  """(steps per epoch, total steps): num_train_steps when > 0, else num_epochs."""
+  steps_per_epoch = max(train_examples // config.batch_size, 1)
+  total = (config.num_train_steps if config.num_train_steps > 0
+           else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  return steps_per_epoch, total
+
+
+# --- model and state -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelGraphs:
+  """The static halves of the model for nnx.merge: train- and eval-mode graph definitions,
+  and the state that is not a parameter (the dropout stream's key and counter)."""
+  train: nnx.GraphDef
+  eval: nnx.GraphDef
+  non_params: nnx.State
+
+
+def split_model(model: models.AViT) -> tuple[ModelGraphs, nnx.State]:
+  model.train()
+  train_def, params, non_params = nnx.split(model, nnx.Param, ...)
+  model.eval()
+  eval_def = nnx.split(model, nnx.Param, ...)[0]
+  return ModelGraphs(train_def, eval_def, non_params), params
+
+
+def create_model(config: ml_collections.ConfigDict) -> models.AViT:
+  """config.model, initialised from config.seed or, in training, from config.init_from (a
+  converted checkpoint or a trainer step, fitted to the model by finetune.adapt_params)."""
+  model = models.create(config.model, seed=config.seed)
+  if config.mode == 'train' and config.init_from:
+    params, _ = checkpoints.load_params(config.init_from)
+    template = config_lib.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params, _ = finetune.adapt_params(config_lib.flatten(params), template, config.model)
+    checkpoints.assign_params(model, params, f'config.init_from={config.init_from!r}')
+    logging.info('initialised parameters from %s', config.init_from)
+  return model
 
 
 @struct.dataclass
@@ -51,21 +134,74 @@ class TrainState:
   nonfinite_terms: jax.Array   # float32 [3], (ce, ponder, prior) at that step
 
 
-@dataclasses.dataclass(frozen=True)
-class Graphs:
-  """Static halves of the model for nnx.merge: train- and eval-mode graphdefs, other state."""
-  train: Any
-  eval: Any
-  rest: Any
+def create_train_state(params: nnx.State, tx: optax.GradientTransformation, *,
+                       ema: bool) -> TrainState:
+  """Step 0: `params`, a fresh optimizer state and, with `ema`, a copy to average into."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                    nonfinite_steps=jnp.zeros((), jnp.int32),
+                    first_nonfinite=jnp.full((), -1, jnp.int32),
+                    nonfinite_terms=jnp.zeros((3,), jnp.float32))
 
 
-def split_model(model) -> tuple[Graphs, nnx.State]:
-  model.train()
-  train_def, params, rest = nnx.split(model, nnx.Param, ...)
-  model.eval()
-  eval_def = nnx.split(model, nnx.Param, ...)[0]
-  return Graphs(train_def, eval_def, rest), params
+def state_shardings(mesh: Mesh, state: TrainState) -> TrainState:
+  """Arrays under the fsdp rule of sharding.py; the step and counters replicated."""
+  scalar = sharding.replicated(mesh)
+  return sharding.tree_shardings(mesh, state).replace(
+      step=scalar, nonfinite_steps=scalar, first_nonfinite=scalar, nonfinite_terms=scalar)
 
+
+def restore_or_init(manager: checkpoints.TrainCheckpoints, state: TrainState,
+                    shardings: TrainState) -> TrainState:
+  """The newest checkpoint of the workdir, restored with `state`'s shapes and shardings;
+  `state` itself (step 0) when there is none."""
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, shardings)
+  pure = lambda s: None if s is None else nnx.to_pure_dict(s)
+  restored = manager.restore_latest(abstract_params=pure(abstract.params),
+                                    abstract_opt_state=abstract.opt_state,
+                                    abstract_ema=pure(abstract.ema_params))
+  if restored is None:
+    return state
+
+  def into(like: nnx.State | None, values: dict | None) -> nnx.State | None:
+    if like is None:
+      return None
+    tree = jax.tree.map(lambda x: x, like)  # a new State of the same structure
+    nnx.replace_by_pure_dict(tree, values)
+    return tree
+
+  train = restored['train']
+  logging.info('resumed from %s', manager.step_dir(train['step']))
+  # The skipped-step count carries over, so skip_nonfinite_steps counts over the whole run.
+  return state.replace(step=jnp.asarray(train['step'], jnp.int32),
+                       params=into(state.params, restored['params']),
+                       opt_state=restored['opt_state'],
+                       ema_params=into(state.ema_params, restored['ema_params']),
+                       nonfinite_steps=jnp.asarray(train.get('nonfinite_steps', 0), jnp.int32))
+
+
+def save_checkpoint(manager: checkpoints.TrainCheckpoints, state: TrainState,
+                    config: ml_collections.ConfigDict, steps_per_epoch: int,
+                    metrics: dict | None = None) -> None:
+  """Saves the state at its step (asynchronously), with its eval top-1 when given."""
+  step = int(state.step)
+  manager.save(step, params=state.params, opt_state=state.opt_state, ema_params=state.ema_params,
+               train={'step': step, 'epoch': step / steps_per_epoch, 'seed': config.seed,
+                      'nonfinite_steps': int(state.nonfinite_steps)},
+               metadata=checkpoint_metadata(config),
+               metrics={'top1': metrics['top1']} if metrics else None)
+
+
+def checkpoint_metadata(config: ml_collections.ConfigDict) -> dict:
+  """What a checkpoint needs to be used without its config: model, data statistics, losses."""
+  return {'model': checkpoints.metadata_json(config.model),
+          'data': {'mean': list(config.data.mean), 'std': list(config.data.std),
+                   'source': config.data.source},
+          'loss': checkpoints.metadata_json(config.loss)}
+
+
+# --- steps ---------------------------------------------------------------------------------
 
 def loss_terms(out, targets, config: ml_collections.ConfigDict, prior_target) -> dict:
   """Soft-target CE + ponder + distributional prior (the latter two only with halting)."""
@@ -80,17 +216,18 @@ def loss_terms(out, targets, config: ml_collections.ConfigDict, prior_target) ->
   }
 
 
-def train_step(state: TrainState, batch: dict, *, graphs: Graphs, tx, lr_schedule,
+def train_step(state: TrainState, batch: dict, *, graphs: ModelGraphs, tx, lr_schedule,
                config: ml_collections.ConfigDict, prior_target) -> tuple[TrainState, dict]:
   """One optimizer step on a global batch {images [B,H,W,3], labels [B]}; pure."""
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   mix_key, dropout_key = jax.random.split(key)
-  images, targets = augment.mix_targets(mix_key, batch['images'], batch['labels'],
-                                        config.model.num_classes, config.aug)
+  targets = losses.smooth_labels(batch['labels'], config.model.num_classes,
+                                 float(config.aug.label_smoothing))
+  images, targets = augment.mixup_cutmix(mix_key, batch['images'], targets, config.aug)
 
   def loss_fn(params):
     # Fresh copies of the RNG variables, so reseeding mutates only this trace's copies.
-    model = nnx.merge(graphs.train, params, jax.tree.map(jnp.asarray, graphs.rest))
+    model = nnx.merge(graphs.train, params, jax.tree.map(jnp.asarray, graphs.non_params))
     nnx.reseed(model, dropout=dropout_key)
     out = model(images)
     terms = loss_terms(out, targets, config, prior_target)
@@ -125,37 +262,122 @@ def train_step(state: TrainState, batch: dict, *, graphs: Graphs, tx, lr_schedul
   return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, graphs: Graphs, model_config) -> dict:
-  model = nnx.merge(graphs.eval, params, graphs.rest)
+def eval_step(params, batch: dict, *, graphs: ModelGraphs, model_config) -> dict:
+  """Eval-mode sums over a global batch {images, labels, mask} (evaluation.eval_sums)."""
+  model = nnx.merge(graphs.eval, params, graphs.non_params)
   out = model(batch['images'])
   return evaluation.eval_sums(out, batch['labels'], batch['mask'], model_config)
 
 
-def init_params_from(model, config: ml_collections.ConfigDict) -> None:
-  """Loads `config.init_from` parameters (converted DeiT / A-ViT, or a trainer step).
-
-  Goes through the conversion table, so the fine-tuning rules apply: a head with another
-  number of classes is re-initialised and pos_embed is resampled to the image size.
-  """
-  from avit_jax import convert
-
-  params, _ = checkpoints.load_params(config.init_from)
-  try:
-    source = convert.from_torch(convert.to_torch_state_dict(params), config.model,
-                                seed=config.seed)
-  except convert.ConvertError as e:  # say which file: the message lists only names
-    raise convert.ConvertError(f'config.init_from={config.init_from!r}: {e}') from None
-  checkpoints.assign_params(model, nnx.to_pure_dict(nnx.state(source, nnx.Param)),
-                            f'init_from checkpoint {config.init_from}')
-  logging.info('initialised parameters from %s', config.init_from)
+def jit_eval_step(graphs: ModelGraphs, model_config, mesh: Mesh, params_shardings) -> Callable:
+  return jax.jit(functools.partial(eval_step, graphs=graphs, model_config=model_config),
+                 in_shardings=(params_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
-def _steps(config, train_examples: int) -> tuple[int, int]:
-  steps_per_epoch = max(train_examples // config.batch_size, 1)
-  total = (config.num_train_steps if config.num_train_steps > 0
-           else int(math.ceil(config.num_epochs * steps_per_epoch)))
-  return steps_per_epoch, total
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """What a training run compiles against (built by `prepare_training`)."""
+  mesh: Mesh
+  graphs: ModelGraphs
+  state_shardings: TrainState
+  train_step: Callable   # jitted (state, global batch) -> (state, metrics); donates the state
+  eval_step: Callable    # jitted (params, global batch) -> eval sums
+  steps_per_epoch: int
+  total_steps: int
 
+
+def prepare_training(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+                     ) -> tuple[TrainProgram, TrainState]:
+  """The mesh (all devices, or `devices`), the model, optimizer and jitted steps, and the
+  step-0 state placed on the mesh."""
+  train_examples = input_pipeline.num_examples(config, config.data.train_split)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  graphs, params = split_model(create_model(config))
+  steps_per_epoch, total_steps = run_length(config, train_examples)
+  lr_schedule = optim.schedule(config.optimizer, config.batch_size, total_steps, steps_per_epoch)
+  tx = optim.make_optimizer(config.optimizer, lr_schedule)
+  state = create_train_state(params, tx, ema=config.optimizer.ema_decay > 0)
+  shardings = state_shardings(mesh, state)
+  prior = (losses.prior_target(config.model.depth, config.loss.prior_target_depth,
+                               config.loss.prior_std) if config.model.halting else None)
+  step = functools.partial(train_step, graphs=graphs, tx=tx, lr_schedule=lr_schedule,
+                           config=config, prior_target=prior)
+  program = TrainProgram(
+      mesh=mesh, graphs=graphs, state_shardings=shardings,
+      train_step=jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0),
+      eval_step=jit_eval_step(graphs, config.model, mesh, shardings.params),
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  return program, jax.device_put(state, shardings)
+
+
+# --- evaluation and reporting --------------------------------------------------------------
+
+def evaluate(eval_fn: Callable, params, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+  """Exact metrics of `params` over config.data.eval_split (evaluation.evaluate)."""
+  batches = (sharding.global_batch(b, mesh) for b in input_pipeline.eval_iterator(config))
+  return evaluation.evaluate(lambda batch: eval_fn(params, batch), batches,
+                             num_tokens=models.num_tokens(config.model),
+                             dense_gflops=flops.dense_gflops(config.model))
+
+
+def report_eval(metrics: dict, config: ml_collections.ConfigDict, workdir: str,
+                writer: MetricWriter) -> None:
+  """WORKDIR/eval.json (process 0), TensorBoard scalars and one log line."""
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, EVAL_FILE), metrics)
+  split = config.data.eval_split
+  writer.scalars(metrics['step'], {
+      f'eval/{split}/top1': metrics['top1'], f'eval/{split}/top5': metrics['top5'],
+      f'eval/{split}/loss': metrics['eval_loss'],
+      f'eval/{split}/mean_token_depth': metrics['mean_token_depth'],
+      f'eval/{split}/gflops': metrics['gflops_per_image'],
+      f'eval/{split}/images_per_second': metrics['images_per_second']})
+  logging.info('eval step %d: top1 %.4f top5 %.4f loss %.4f depth %.2f/%d GFLOPs %.4f '
+               '(%.0f%% of dense) %.0f img/s', metrics['step'], metrics['top1'],
+               metrics['top5'], metrics['eval_loss'], metrics['mean_token_depth'],
+               config.model.depth, metrics['gflops_per_image'],
+               100 * metrics['compute_fraction'], metrics['images_per_second'])
+
+
+def report_train(writer: MetricWriter, step: int, total: int, metrics: dict, *, epoch: float,
+                 images_per_second: float, eta_seconds: float, nonfinite_steps: int) -> None:
+  """TensorBoard scalars and the log line of a logged step (metrics on the host)."""
+  writer.scalars(step, {f'train/{k}': v for k, v in metrics.items()} |
+                 {'train/images_per_second': images_per_second,
+                  'train/nonfinite_steps': nonfinite_steps})
+  logging.info('step %d/%d epoch %.2f | loss %.4f (ce %.4f ponder %.5f prior %.5f) | '
+               'depth %.2f compute %.0f%% | lr %.2e | %.0f img/s | ETA %s', step, total, epoch,
+               metrics['loss'], metrics['ce'], metrics['ponder_loss'], metrics['prior_loss'],
+               metrics['mean_token_depth'], 100 * metrics['remaining_compute'], metrics['lr'],
+               images_per_second, time.strftime('%H:%M:%S', time.gmtime(eta_seconds)))
+
+
+def check_finite(state: TrainState, config: ml_collections.ConfigDict, reported: int,
+                 manager: checkpoints.TrainCheckpoints) -> int:
+  """Raises NonFiniteLossError after a non-finite step; with skip_nonfinite_steps, logs the
+  running count of skipped steps instead. Returns the count reported so far."""
+  bad = int(state.nonfinite_steps)
+  if bad and not config.skip_nonfinite_steps:
+    step = int(state.first_nonfinite)
+    ce, ponder, prior = (float(v) for v in np.asarray(state.nonfinite_terms))
+    last = manager.latest_step()
+    where = manager.step_dir(last) if last is not None else 'none written yet'
+    raise NonFiniteLossError(
+        f'non-finite loss or gradient at step {step} (ce={ce:.6g}, ponder={ponder:.6g}, '
+        f'prior={prior:.6g}); the step was not applied and no checkpoint was written from it. '
+        f'Last good checkpoint: {where}. Rerun with --config.skip_nonfinite_steps=True to '
+        'skip such steps and count them (same workdir), or lower optimizer.lr / set '
+        'optimizer.grad_clip_norm in a new --workdir (--config.init_from=<a checkpoint> starts '
+        'from its parameters).')
+  if bad > reported:
+    logging.warning('skipped %d non-finite step(s) so far (skip_nonfinite_steps=True); the '
+                    'first in this run was step %d', bad, int(state.first_nonfinite))
+  return bad
+
+
+# --- the run -------------------------------------------------------------------------------
 
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks every step (TPU preemption notice)."""
@@ -173,277 +395,94 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def metadata(config: ml_collections.ConfigDict) -> dict:
-  return {'model': checkpoints.metadata_json(config.model),
-          'data': {'mean': list(config.data.mean), 'std': list(config.data.std),
-                   'source': config.data.source},
-          'loss': checkpoints.metadata_json(config.loss)}
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        devices: Sequence[jax.Device] | None = None) -> dict:
+  """mode='eval': the metrics of config.eval_checkpoint (default: the newest step of
+  `workdir`), also written to WORKDIR/eval.json. Builds no optimizer, reads no train data."""
+  directory = config.eval_checkpoint or checkpoints.latest_step_dir(workdir)
+  params, _ = checkpoints.load_params(directory)
+  model = models.create(config.model, seed=config.seed)
+  checkpoints.assign_params(model, params, f'checkpoint {directory}')
+  graphs, params = split_model(model)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  params_shardings = sharding.tree_shardings(mesh, params)
+  eval_fn = jit_eval_step(graphs, config.model, mesh, params_shardings)
+  metrics = evaluate(eval_fn, jax.device_put(params, params_shardings), config, mesh)
+  name = os.path.basename(os.path.normpath(directory))
+  metrics.update(step=int(name) if name.isdigit() else 0, checkpoint=os.path.abspath(directory))
+  writer = MetricWriter(workdir, jax.process_index() == 0)
+  report_eval(metrics, config, workdir, writer)
+  writer.close()
+  return metrics
 
 
-class Trainer:
-  """Everything a run holds: mesh, model halves, jitted steps, state and checkpoints."""
-
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
-    self.config = config
-    self.workdir = workdir
-    self.is_chief = jax.process_index() == 0
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    model = models.create(config.model, seed=config.seed)
-    if config.init_from and config.mode == 'train':
-      init_params_from(model, config)
-    self.graphs, params = split_model(model)
-    self.train_examples = input_pipeline.num_examples(config, config.data.train_split)
-    self.steps_per_epoch, self.total_steps = _steps(config, self.train_examples)
-    self.lr_schedule = optim.schedule(config.optimizer, config.batch_size, self.total_steps,
-                                      self.steps_per_epoch)
-    self.tx = optim.make_optimizer(config.optimizer, self.lr_schedule)
-    ema = jax.tree.map(jnp.copy, params) if config.optimizer.ema_decay > 0 else None
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=self.tx.init(params), ema_params=ema,
-                       nonfinite_steps=jnp.zeros((), jnp.int32),
-                       first_nonfinite=jnp.full((), -1, jnp.int32),
-                       nonfinite_terms=jnp.zeros((3,), jnp.float32))
-    self.state_shardings = self._shardings(state)
-    self.state = jax.device_put(state, self.state_shardings)
-    prior = (losses.prior_target(config.model.depth, config.loss.prior_target_depth,
-                                 config.loss.prior_std) if config.model.halting else None)
-    step_fn = functools.partial(train_step, graphs=self.graphs, tx=self.tx,
-                                lr_schedule=self.lr_schedule, config=config, prior_target=prior)
-    batch_sharding = sharding.batch_sharding(self.mesh)
-    self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_sharding),
-                              out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                              donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(eval_step, graphs=self.graphs,
-                                               model_config=config.model),
-                             in_shardings=(self.state_shardings.params, batch_sharding),
-                             out_shardings=sharding.replicated(self.mesh))
-    self.checkpoints = checkpoints.TrainCheckpoints(workdir, keep=config.keep_checkpoints)
-    self._reported_nonfinite = 0
-
-  def _shardings(self, state: TrainState):
-    tree = sharding.tree_shardings(self.mesh, state)
-    scalar = sharding.replicated(self.mesh)
-    return tree.replace(step=scalar, nonfinite_steps=scalar, first_nonfinite=scalar,
-                        nonfinite_terms=scalar)
-
-  # -- checkpoints -------------------------------------------------------------------------
-
-  def save(self, metrics: dict | None = None) -> int:
-    """Checkpoints the current state (once per step; asynchronous)."""
-    step = int(self.state.step)
-    if step in self.checkpoints.manager.all_steps():
-      return step
-    s = self.state
-    self.checkpoints.save(step, params=s.params, opt_state=s.opt_state, ema_params=s.ema_params,
-                          train={'step': step, 'epoch': step / self.steps_per_epoch,
-                                 'seed': self.config.seed, 'data_position': step,
-                                 'nonfinite_steps': int(s.nonfinite_steps)},
-                          metadata=metadata(self.config),
-                          metrics={'top1': metrics['top1']} if metrics else None)
-    return step
-
-  def restore_latest(self) -> int:
-    """Resumes from the newest complete checkpoint in the workdir; returns its step (0: none)."""
-    step = self.checkpoints.latest_step()
-    if step is None:
-      return 0
-    abstract = jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-        self.state, self.state_shardings)
-    pure = lambda s: nnx.to_pure_dict(s) if s is not None else None
-    params, opt_state, ema, train = self.checkpoints.restore(
-        step, abstract_params=pure(abstract.params), abstract_opt_state=abstract.opt_state,
-        abstract_ema=pure(abstract.ema_params))
-    state_params = jax.tree.map(lambda x: x, self.state.params)
-    nnx.replace_by_pure_dict(state_params, params)
-    ema_state = None
-    if ema is not None:
-      ema_state = jax.tree.map(lambda x: x, self.state.ema_params)
-      nnx.replace_by_pure_dict(ema_state, ema)
-    # The skipped-step count carries over, so skip_nonfinite_steps counts over the whole run.
-    self.state = self.state.replace(step=jnp.asarray(train['step'], jnp.int32),
-                                    params=state_params, opt_state=opt_state,
-                                    ema_params=ema_state,
-                                    nonfinite_steps=jnp.asarray(train.get('nonfinite_steps', 0),
-                                                                jnp.int32))
-    self._reported_nonfinite = int(train.get('nonfinite_steps', 0))
-    logging.info('resumed from %s', self.checkpoints.step_dir(step))
-    return int(train['step'])
-
-  # -- evaluation --------------------------------------------------------------------------
-
-  def evaluate(self, params=None) -> dict:
-    params = params if params is not None else (
-        self.state.ema_params if self.state.ema_params is not None else self.state.params)
-    batches = (sharding.global_batch(b, self.mesh)
-               for b in input_pipeline.eval_iterator(self.config))
-    metrics = evaluation.evaluate(
-        lambda batch: self.eval_step(params, batch), batches,
-        num_tokens=evaluation.num_tokens(self.config.model),
-        dense_gflops=flops.dense_gflops(self.config.model))
-    metrics['step'] = int(self.state.step)
-    return metrics
-
-  def write_eval(self, metrics: dict, writer: MetricWriter) -> None:
-    if self.is_chief:
-      write_json(os.path.join(self.workdir, EVAL_FILE), metrics)
-    split = self.config.data.eval_split
-    writer.scalars(metrics['step'], {
-        f'eval/{split}/top1': metrics['top1'], f'eval/{split}/top5': metrics['top5'],
-        f'eval/{split}/loss': metrics['eval_loss'],
-        f'eval/{split}/mean_token_depth': metrics['mean_token_depth'],
-        f'eval/{split}/gflops': metrics['gflops_per_image'],
-        f'eval/{split}/images_per_second': metrics['images_per_second']})
-    logging.info('eval step %d: top1 %.4f top5 %.4f loss %.4f depth %.2f/%d GFLOPs %.4f '
-                 '(%.0f%% of dense) %.0f img/s', metrics['step'], metrics['top1'],
-                 metrics['top5'], metrics['eval_loss'], metrics['mean_token_depth'],
-                 self.config.model.depth, metrics['gflops_per_image'],
-                 100 * metrics['compute_fraction'], metrics['images_per_second'])
-
-  # -- loop --------------------------------------------------------------------------------
-
-  def check_finite(self) -> None:
-    """Raises NonFiniteLossError after a non-finite step (or, with skip_nonfinite_steps, logs
-    the running count of skipped steps)."""
-    bad = int(self.state.nonfinite_steps)
-    if bad > self._reported_nonfinite and self.config.skip_nonfinite_steps:
-      logging.warning('skipped %d non-finite step(s) so far (skip_nonfinite_steps=True); the '
-                      'first in this run was step %d', bad, int(self.state.first_nonfinite))
-      self._reported_nonfinite = bad
-    if bad and not self.config.skip_nonfinite_steps:
-      step = int(self.state.first_nonfinite)
-      ce, ponder, prior = (float(v) for v in np.asarray(self.state.nonfinite_terms))
-      last = self.checkpoints.latest_step()
-      where = self.checkpoints.step_dir(last) if last is not None else 'none written yet'
-      raise NonFiniteLossError(
-          f'non-finite loss or gradient at step {step} (ce={ce:.6g}, ponder={ponder:.6g}, '
-          f'prior={prior:.6g}); the step was not applied and no checkpoint was written from it. '
-          f'Last good checkpoint: {where}. Rerun with --config.skip_nonfinite_steps=True to '
-          'skip such steps and count them (same workdir), or lower optimizer.lr / set '
-          'optimizer.grad_clip_norm in a new --workdir (--config.init_from=<a checkpoint> starts '
-          'from its parameters).')
-
-  def train(self, stop_at: int | None = None) -> dict:
-    """Trains to the configured number of steps (or only to `stop_at`, as an interrupted run
-    would), evaluating and checkpointing on schedule. Returns the last eval metrics."""
-    config = self.config
-    start = self.restore_latest()
-    writer = MetricWriter(self.workdir, self.is_chief)
-    eval_every = config.eval_every_steps or self.steps_per_epoch
-    batches = input_pipeline.train_iterator(config, start_step=start)
-    preemption = _Preemption()
-    last_eval: dict = {}
-    logging.info('training steps %d -> %d (%d per epoch, global batch %d, %d devices)', start,
-                 self.total_steps, self.steps_per_epoch, config.batch_size, jax.device_count())
-    tick, tick_step, run_start = time.perf_counter(), start, time.perf_counter()
-    metrics = None
-    try:
-      for step in range(start, self.total_steps):
-        batch = sharding.global_batch(next(batches), self.mesh)
-        self.state, metrics = self.train_step(self.state, batch)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == self.total_steps:
-          metrics = jax.device_get(metrics)
-          self.check_finite()
-          now = time.perf_counter()
-          rate = (done - tick_step) * config.batch_size / (now - tick)
-          eta = (self.total_steps - done) * config.batch_size / rate
-          writer.scalars(done, {f'train/{k}': v for k, v in metrics.items()} |
-                         {'train/images_per_second': rate,
-                          'train/nonfinite_steps': self._reported_nonfinite})
-          logging.info('step %d/%d epoch %.2f | loss %.4f (ce %.4f ponder %.5f prior %.5f) | '
-                       'depth %.2f compute %.0f%% | lr %.2e | %.0f img/s | ETA %s', done,
-                       self.total_steps, done / self.steps_per_epoch, metrics['loss'],
-                       metrics['ce'], metrics['ponder_loss'], metrics['prior_loss'],
-                       metrics['mean_token_depth'], 100 * metrics['remaining_compute'],
-                       metrics['lr'], rate, time.strftime('%H:%M:%S', time.gmtime(eta)))
-          tick, tick_step = now, done
-        evaluate_now = done % eval_every == 0 or done == self.total_steps
-        if evaluate_now:
-          self.check_finite()
-          last_eval = self.evaluate()
-          self.write_eval(last_eval, writer)
-          self.save(last_eval)
-        elif done % config.checkpoint_every_steps == 0:
-          self.check_finite()
-          self.save()
-        if preemption.requested or done == stop_at:
-          self.check_finite()
-          self.save()
-          self.checkpoints.wait()
-          logging.warning('stopped at step %d; rerun the same command to resume', done)
-          if preemption.requested:
-            raise Preempted(f'SIGTERM: stopped at step {done} after writing checkpoint '
-                            f'{self.checkpoints.step_dir(done)}; rerun the same command to '
-                            'resume')
-          return last_eval
-      if start >= self.total_steps:
-        logging.info('nothing to train: the workdir is already at step %d', start)
-        last_eval = self.evaluate()
-        self.write_eval(last_eval, writer)
-    finally:
-      # Wait for the last save while SIGTERM is still only a flag: a kill now would waste it.
-      self.checkpoints.wait()
-      preemption.restore()
-      writer.close()
-    logging.info('trained %d steps in %.1f s', self.total_steps - start,
-                 time.perf_counter() - run_start)
-    if config.write_depth_maps and self.is_chief and config.model.halting:
-      self.write_figures()
-    return last_eval
-
-  def write_figures(self, count: int = 64) -> list[str]:
-    from avit_jax import visualize
-
-    model = nnx.merge(self.graphs.eval, self.state.params, self.graphs.rest)
-    batches = input_pipeline.eval_iterator(self.config)
-    first = next(batches)
-    real = first['mask'] > 0
-    files = visualize.write_run_figures(
-        model, np.asarray(first['images'])[real][:count], np.asarray(first['labels'])[real][:count],
-        os.path.join(self.workdir, 'figures'), mean=self.config.data.mean, std=self.config.data.std,
-        class_names=visualize.CLASS_NAMES.get(self.config.data.source),
-        loss_config=self.config.loss.to_dict())
-    logging.info('wrote %d figures under %s', len(files), os.path.join(self.workdir, 'figures'))
-    return files
-
-  def evaluate_checkpoint(self) -> dict:
-    """mode='eval': evaluate config.eval_checkpoint (default: newest step in the workdir)."""
-    directory = self.config.eval_checkpoint
-    if not directory:
-      step = self.checkpoints.latest_step()
-      if step is None:
-        raise checkpoints.CheckpointError(
-            f'no checkpoint to evaluate in {self.checkpoints.directory}; train first or set '
-            '--config.eval_checkpoint=DIR')
-      directory = self.checkpoints.step_dir(step)
-    params, _ = checkpoints.load_params(directory)
-    model = nnx.merge(self.graphs.eval, self.state.params, self.graphs.rest)
-    checkpoints.assign_params(model, params, f'checkpoint {directory}')
-    params_state = jax.device_put(nnx.state(model, nnx.Param), self.state_shardings.params)
-    metrics = self.evaluate(params_state)
-    name = os.path.basename(os.path.normpath(directory))
-    metrics['step'] = int(name) if name.isdigit() else 0
-    metrics['checkpoint'] = os.path.abspath(directory)
-    writer = MetricWriter(self.workdir, self.is_chief)
-    self.write_eval(metrics, writer)
-    writer.close()
-    return metrics
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: Sequence[jax.Device] | None = None) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) with periodic evaluation, or,
   with config.mode == 'eval', evaluates a checkpoint. Returns the last eval metrics, which
-  are also in WORKDIR/eval.json."""
-  config_lib.validate(config)
-  run_dir = Workdir(workdir, config, is_chief=jax.process_index() == 0)
-  try:
-    trainer = Trainer(config, run_dir.path)
+  are also in WORKDIR/eval.json.
+
+  Raises Preempted after SIGTERM (a checkpoint of the last step is written first) and
+  NonFiniteLossError after a non-finite step (unless config.skip_nonfinite_steps).
+  """
+  validate_config(config)
+  with Workdir(workdir, config, is_chief=jax.process_index() == 0) as run_dir:
+    if config.mode == 'eval':
+      return evaluate_checkpoint(config, run_dir.path, devices=devices)
+    program, state = prepare_training(config, devices)
+    manager = checkpoints.TrainCheckpoints(run_dir.path, keep=config.keep_checkpoints)
+    writer = MetricWriter(run_dir.path, jax.process_index() == 0)
+    preemption = _Preemption()
     try:
-      if config.mode == 'eval':
-        return trainer.evaluate_checkpoint()
-      return trainer.train()
+      state = restore_or_init(manager, state, program.state_shardings)
+      start, total = int(state.step), program.total_steps
+      reported = int(state.nonfinite_steps)
+      eval_every = config.eval_every_steps or program.steps_per_epoch
+      eval_params = lambda s: s.ema_params if s.ema_params is not None else s.params
+      batches = input_pipeline.train_iterator(config, start_step=start)
+      logging.info('training steps %d -> %d (%d per epoch, global batch %d, %d devices)', start,
+                   total, program.steps_per_epoch, config.batch_size, program.mesh.size)
+      last_eval: dict = {}
+      run_start = tick = time.perf_counter()
+      tick_step = start
+      for step in range(start, total):
+        batch = sharding.global_batch(next(batches), program.mesh)
+        state, metrics = program.train_step(state, batch)
+        done = step + 1
+        log_now = done % config.log_every_steps == 0 or done == total
+        eval_now = done % eval_every == 0 or done == total
+        save_now = eval_now or done % config.checkpoint_every_steps == 0 or preemption.requested
+        if log_now or save_now:  # nothing is logged or saved from a non-finite step
+          reported = check_finite(state, config, reported, manager)
+        if log_now:
+          now = time.perf_counter()
+          rate = (done - tick_step) * config.batch_size / (now - tick)
+          report_train(writer, done, total, jax.device_get(metrics),
+                       epoch=done / program.steps_per_epoch, images_per_second=rate,
+                       eta_seconds=(total - done) * config.batch_size / rate,
+                       nonfinite_steps=reported)
+          tick, tick_step = now, done
+        if eval_now:
+          last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
+          last_eval['step'] = done
+          report_eval(last_eval, config, run_dir.path, writer)
+        if save_now:
+          save_checkpoint(manager, state, config, program.steps_per_epoch,
+                          last_eval if eval_now else None)
+        if preemption.requested:
+          manager.wait()
+          logging.warning('stopped at step %d; rerun the same command to resume', done)
+          raise Preempted(f'SIGTERM: stopped at step {done} after writing checkpoint '
+                          f'{manager.step_dir(done)}; rerun the same command to resume')
+      if start >= total:
+        logging.info('nothing to train: the workdir is already at step %d', start)
+        last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
+        last_eval['step'] = start
+        report_eval(last_eval, config, run_dir.path, writer)
     finally:
-      trainer.checkpoints.close()
-  finally:
-    run_dir.close()
+      # Wait for the last save while SIGTERM is still only a flag: a kill now would waste it.
+      manager.close()
+      preemption.restore()
+      writer.close()
+  logging.info('trained %d steps in %.1f s', total - start, time.perf_counter() - run_start)
+  return last_eval

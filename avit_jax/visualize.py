@@ -6,15 +6,14 @@
 Images given as files are resized (shorter side, bicubic) and centre-cropped to the
 model's image size, then normalised with the data mean / std stored in the checkpoint's
 metadata (or --config's). With --config and no files, the first N images of the
-configured eval split are used; `--config.a.b=value` overrides work as in avit_jax.main.
+configured eval split are used; `--config.a.b=value` overrides work as in avit_jax.main
+(both are parsed by ml_collections' config_flags).
 The drawing itself lives in avit_jax/plots.py; this module loads, runs the model and writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import re
@@ -24,46 +23,20 @@ from typing import TYPE_CHECKING
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
 
-from avit_jax import checkpoints, losses, plots
+from avit_jax import checkpoints, config_lib, losses, plots
 
 if TYPE_CHECKING:
   from avit_jax.models import AViT
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 CLASS_NAMES = {'fashion_mnist': FASHION_MNIST_CLASSES}
 
 
 # ---------------------------------------------------------------- checkpoints and config
-
-def latest_step_dir(workdir: str) -> str:
-  """The highest-numbered complete step directory WORKDIR/checkpoints/<step>/."""
-  root = os.path.join(workdir, 'checkpoints')
-  steps = []
-  if os.path.isdir(root):
-    # Only all-digit names: orbax writes '<step>.orbax-checkpoint-tmp-*' while saving.
-    steps = [int(n) for n in os.listdir(root)
-             if n.isdigit() and checkpoints.is_checkpoint(os.path.join(root, n))]
-  if not steps:
-    raise checkpoints.CheckpointError(
-        f'no checkpoint under {root} (expected numeric step directories such as '
-        f'{os.path.join(root, "1000")} written by `python -m avit_jax.main`); train first or '
-        'pass a checkpoint directory itself')
-  return os.path.join(root, str(max(steps)))
-
-
-def resolve_checkpoint(path: str) -> str:
-  """A checkpoint directory itself, or the latest step of a training workdir."""
-  if checkpoints.is_checkpoint(path):
-    return path
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return latest_step_dir(path)
-  raise checkpoints.CheckpointError(
-      f'{path} is neither a checkpoint (a directory with params/) nor a training workdir '
-      '(a directory with checkpoints/<step>/)')
-
 
 def load_model(checkpoint: str,
                model_config: ml_collections.ConfigDict | None = None) -> tuple[AViT, dict]:
@@ -73,7 +46,7 @@ def load_model(checkpoint: str,
   """
   from avit_jax import models  # local: plotting from arrays must not need the model code
 
-  step_dir = resolve_checkpoint(checkpoint)
+  step_dir = checkpoints.resolve_checkpoint(checkpoint)
   params, metadata = checkpoints.load_params(step_dir)
   if 'model' in metadata:
     model_config = ml_collections.ConfigDict(metadata['model'])
@@ -86,38 +59,25 @@ def load_model(checkpoint: str,
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """get_config() of a config file, then `--config.a.b=value` overrides (typed like the default)."""
-  if not os.path.isfile(path):
+  """get_config() of a config file, then `--config.a.b=value` overrides: parsed by
+  ml_collections' config_flags, exactly as `python -m avit_jax.main` parses them."""
+  if not os.path.isfile(path.partition(':')[0]):
     raise FileNotFoundError(f'config file {path} not found (expected e.g. configs/tiny.py)')
-  spec = importlib.util.spec_from_file_location('_avit_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    match = re.fullmatch(r'--config\.([\w.]+)=(.*)', item, flags=re.S)
-    if not match:
-      raise ValueError(f'unrecognised argument {item!r}: overrides are written '
-                       '--config.field.sub=value (one token, with "=")')
-    *parents, leaf = match.group(1).split('.')
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise ValueError(f'--config.{match.group(1)}: no such field; fields here: {sorted(node)}')
-    node[leaf] = _parse_like(node[leaf], match.group(2), match.group(1))
-  return config
-
-
-def _parse_like(current, text: str, name: str):
-  if isinstance(current, bool):
-    if text.lower() not in ('true', 'false', '1', '0'):
-      raise ValueError(f'--config.{name} expects true or false, got {text!r}')
-    return text.lower() in ('true', '1')
-  if isinstance(current, (int, float)):
-    return type(current)(float(text) if isinstance(current, float) else int(text))
-  if isinstance(current, (tuple, list)):
-    return tuple(ast.literal_eval(text))
-  return text
+  argv = ['visualize', f'--config={path}', *overrides]
+  values = flags.FlagValues()  # this call's own flags: nothing global is defined or parsed
+  config = config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                           lock_config=False, sys_argv=argv)
+  try:
+    extra = values(argv)[1:]
+  except (KeyError, AttributeError):  # how config_flags refuses an unknown field
+    raise ValueError(config_lib.unknown_override(values['config'].parser.parse(path), argv,
+                                                 path)) from None
+  except flags.Error as e:  # a value that does not parse as the field's type
+    raise ValueError(str(e)) from None
+  if extra:
+    raise ValueError(f'unrecognised arguments {extra}: overrides are written '
+                     '--config.field.sub=value')
+  return config.value
 
 
 def data_stats(metadata: Mapping, config: ml_collections.ConfigDict | None) -> tuple:
@@ -142,7 +102,9 @@ def prior_target(depth: int, loss_config: Mapping | None) -> np.ndarray | None:
 # ---------------------------------------------------------------- images
 
 def image_files(folder: str) -> list[str]:
-  """Image files directly in `folder`, sorted by name."""
+  """Image files directly in `folder` (data_sources.IMAGE_EXTENSIONS), sorted by name."""
+  from avit_jax.data_sources import IMAGE_EXTENSIONS  # local: loads tensorflow
+
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'--image-folder {folder} is not a directory')
   files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
@@ -307,6 +269,20 @@ def write_run_figures(model: AViT, images: np.ndarray, labels: np.ndarray | None
                        num_maps=num_maps)
 
 
+def write_training_figures(config: ml_collections.ConfigDict, workdir: str,
+                           count: int = 64) -> list[str]:
+  """The figures of a training run: its newest checkpoint on the first `count` images of
+  the eval split, into WORKDIR/figures (what `python -m avit_jax.main` writes at the end)."""
+  model, _ = load_model(workdir)
+  images, labels = eval_split_images(config, count)
+  out_dir = os.path.join(workdir, 'figures')
+  files = write_run_figures(model, images, labels, out_dir, mean=config.data.mean,
+                            std=config.data.std, class_names=CLASS_NAMES.get(config.data.source),
+                            loss_config=config.loss.to_dict())
+  logging.info('wrote %d figures under %s', len(files), out_dir)
+  return files
+
+
 # ---------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
@@ -359,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
   written = write_figures(outputs, plots.to_display(images, mean, std), args.out, labels=labels,
                           names=names, class_names=class_names,
                           target=prior_target(model.depth, loss_config), num_maps=args.num_maps)
-  summary = {'checkpoint': resolve_checkpoint(args.checkpoint), 'images': len(names),
+  summary = {'checkpoint': checkpoints.resolve_checkpoint(args.checkpoint), 'images': len(names),
              'mean_token_depth': float(outputs['token_depth'].mean()), 'depth': model.depth}
   with open(os.path.join(args.out, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

@@ -10,6 +10,8 @@ import tempfile
 
 import ml_collections
 
+from avit_jax import config_lib
+
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
 # Fields a resumed run may change without becoming a different experiment.
@@ -20,7 +22,7 @@ RUN_CONTROL_FIELDS = frozenset({
 
 
 class WorkdirError(RuntimeError):
-  pass
+  """A workdir that cannot be written, is in use, or holds a run with another config."""
 
 
 def write_json(path: str, obj) -> None:
@@ -34,20 +36,9 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def _flat(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    name = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(_flat(v, name + '.'))
-    else:
-      out[name] = v
-  return out
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Fields (dotted) whose values differ, ignoring run-control fields."""
-  a, b = _flat(saved), _flat(current)
+  a, b = config_lib.flatten(saved), config_lib.flatten(current)
   names = sorted(set(a) | set(b))
   return [f'{n}: workdir has {a.get(n, "<absent>")!r}, this run has {b.get(n, "<absent>")!r}'
           for n in names if n.split('.')[0] not in RUN_CONTROL_FIELDS and a.get(n) != b.get(n)]
@@ -102,10 +93,14 @@ class Workdir:
     if is_chief:
       write_json(self.config_path, current)
 
-  def file(self, name: str) -> str:
-    return os.path.join(self.path, name)
-
   def close(self) -> None:
+    """Releases the lock (also done by the OS when the process dies)."""
     if self._lock and not self._lock.closed:
       fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
       self._lock.close()
+
+  def __enter__(self) -> Workdir:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

@@ -236,9 +236,8 @@ def test_train_and_eval_preprocess():
 
 # --- mixup / cutmix ----------------------------------------------------------------------------
 
-def _aug(mixup, cutmix, switch_prob=0.5, smoothing=0.1):
-  return ml_collections.ConfigDict(dict(mixup=mixup, cutmix=cutmix, switch_prob=switch_prob,
-                                        label_smoothing=smoothing))
+def _aug(mixup, cutmix, switch_prob=0.5):
+  return ml_collections.ConfigDict(dict(mixup=mixup, cutmix=cutmix, switch_prob=switch_prob))
 
 
 def _batch(b=6, h=8, w=10):
@@ -248,27 +247,28 @@ def _batch(b=6, h=8, w=10):
   return images, jnp.array([3, 1, 4, 1, 5, 9])[:b]
 
 
-def test_no_mixing_gives_smoothed_targets():
+def test_no_mixing_returns_images_and_targets_unchanged():
   images, labels = _batch()
-  out, targets = augment.mix_targets(jax.random.key(0), images, labels, 10, _aug(0.0, 0.0))
+  smooth = losses.smooth_labels(labels, 10, 0.1)
+  np.testing.assert_allclose(smooth[0, 3], 0.91, rtol=1e-6)  # 1 - 0.1 + 0.1 / 10
+  out, targets = augment.mixup_cutmix(jax.random.key(0), images, smooth, _aug(0.0, 0.0))
   np.testing.assert_array_equal(out, images)
-  np.testing.assert_allclose(targets, losses.smooth_labels(labels, 10, 0.1))
-  np.testing.assert_allclose(targets[0, 3], 0.91, rtol=1e-6)  # 1 - 0.1 + 0.1 / 10
+  np.testing.assert_array_equal(targets, smooth)
 
 
 @pytest.mark.parametrize('jit', [False, True])
 def test_mixup_blends_flipped_pairs(jit):
   images, labels = _batch()
-  fn = functools.partial(augment.mix_targets, num_classes=10, aug_config=_aug(0.8, 0.0))
+  fn = functools.partial(augment.mixup_cutmix, aug_config=_aug(0.8, 0.0))
   fn = jax.jit(fn) if jit else fn
+  smooth = losses.smooth_labels(labels, 10, 0.1)
   for seed in range(3):
-    out, targets = fn(jax.random.key(seed), images, labels)
+    out, targets = fn(jax.random.key(seed), images, smooth)
     pixels = np.asarray(out[:, 0, 0, 0])
     # pixel_i = lam (i + 1) + (1 - lam) (B - i): one lam for the batch.
     lam = (pixels[0] - 6.0) / (1.0 - 6.0)
     np.testing.assert_allclose(pixels, lam * np.arange(1, 7) + (1 - lam) * np.arange(6, 0, -1),
                                rtol=1e-5)
-    smooth = losses.smooth_labels(labels, 10, 0.1)
     np.testing.assert_allclose(targets, lam * smooth + (1 - lam) * smooth[::-1], atol=1e-6)
     np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
     assert np.all(out == out[:, :1, :1])  # uniform blend, no box
@@ -277,11 +277,12 @@ def test_mixup_blends_flipped_pairs(jit):
 @pytest.mark.parametrize('jit', [False, True])
 def test_cutmix_pastes_a_box_of_the_partner(jit):
   images, labels = _batch(h=16, w=20)
-  fn = functools.partial(augment.mix_targets, num_classes=10, aug_config=_aug(0.0, 1.0))
+  fn = functools.partial(augment.mixup_cutmix, aug_config=_aug(0.0, 1.0))
   fn = jax.jit(fn) if jit else fn
+  smooth = losses.smooth_labels(labels, 10, 0.1)
   boxes = 0
   for seed in range(6):
-    out, targets = fn(jax.random.key(seed), images, labels)
+    out, targets = fn(jax.random.key(seed), images, smooth)
     out = np.asarray(out[..., 0])
     own = np.arange(1, 7)[:, None, None]
     from_partner = out == own[::-1]
@@ -289,7 +290,6 @@ def test_cutmix_pastes_a_box_of_the_partner(jit):
     box = from_partner[0]
     np.testing.assert_array_equal(from_partner[:3], np.broadcast_to(box, (3, 16, 20)))
     lam = 1.0 - box.mean()  # lam corrected by the pasted (clipped) area
-    smooth = losses.smooth_labels(labels, 10, 0.1)
     np.testing.assert_allclose(targets, lam * smooth + (1 - lam) * smooth[::-1], atol=1e-6)
     np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
     boxes += box.any()
@@ -300,7 +300,8 @@ def test_switch_picks_both_modes():
   images, labels = _batch()
   modes = set()
   for seed in range(12):
-    out, _ = augment.mix_targets(jax.random.key(seed), images, labels, 10, _aug(0.8, 1.0))
+    out, _ = augment.mixup_cutmix(jax.random.key(seed), images,
+                                  losses.smooth_labels(labels, 10, 0.1), _aug(0.8, 1.0))
     out = np.asarray(out[0, ..., 0])
     uniform = np.all(out == out[0, 0])
     is_cut = np.all((out == 1.0) | (out == 6.0))

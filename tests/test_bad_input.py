@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from avit_jax import (checkpoints, config_lib, data_sources, inference, input_pipeline, main,
+from avit_jax import (checkpoints, data_sources, inference, input_pipeline, main,
                       models, train)
 from avit_jax.workdir import Workdir, WorkdirError
 from configs import fashion_mnist
@@ -121,11 +121,11 @@ def test_wrong_types_in_a_config_built_from_a_dict():
       node = node[p]
     node[leaf] = value
     with pytest.raises(ValueError) as e:
-      config_lib.validate(ml_collections.ConfigDict(raw), device_count=1)
+      train.validate_config(ml_collections.ConfigDict(raw), device_count=1)
     assert str(e.value) == message
   config = fashion_mnist.get_config()
   config.model.gate_scale = 10  # an int where a float is expected is fine
-  config_lib.validate(config, device_count=1)
+  train.validate_config(config, device_count=1)
 
 
 # -- workdir ------------------------------------------------------------------------------
@@ -183,11 +183,6 @@ def test_two_runs_in_one_workdir_are_refused(tmp_path):
 
 # -- checkpoints of another architecture ----------------------------------------------------
 
-BLOCK2 = ['attn.proj.bias', 'attn.proj.kernel', 'attn.qkv.bias', 'attn.qkv.kernel',
-          'mlp.fc1.bias', 'mlp.fc1.kernel', 'mlp.fc2.bias', 'mlp.fc2.kernel', 'norm1.bias',
-          'norm1.scale', 'norm2.bias', 'norm2.scale']
-
-
 @pytest.fixture(scope='module')
 def other_architecture(tmp_path_factory):
   """A parameter checkpoint of depth 3 and 7 classes (the runs below: depth 2, 10 classes)."""
@@ -199,38 +194,36 @@ def other_architecture(tmp_path_factory):
       {'model': checkpoints.metadata_json(other.model)})
 
 
+BLOCK2_SHAPES = {'attn.proj.bias': (32,), 'attn.proj.kernel': (32, 32), 'attn.qkv.bias': (96,),
+                 'attn.qkv.kernel': (32, 96), 'mlp.fc1.bias': (128,), 'mlp.fc1.kernel': (32, 128),
+                 'mlp.fc2.bias': (32,), 'mlp.fc2.kernel': (128, 32), 'norm1.bias': (32,),
+                 'norm1.scale': (32,), 'norm2.bias': (32,), 'norm2.scale': (32,)}
+BLOCK2_NOT_IN_MODEL = '  not in the model: ' + ', '.join(
+    f'blocks.2.{n} {s}' for n, s in BLOCK2_SHAPES.items())
+
+
 def test_eval_of_another_architecture_lists_mismatches(tmp_path, other_architecture):
   config = tiny_config(**{'model.depth': 2, 'mode': 'eval', 'eval_checkpoint': other_architecture})
-  trainer = train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
   with pytest.raises(checkpoints.CheckpointError) as e:
-    trainer.evaluate_checkpoint()
-  trainer.checkpoints.close()
+    train.evaluate_checkpoint(config, str(tmp_path), devices=jax.devices()[:1])
   assert str(e.value) == (
       f'checkpoint {other_architecture} does not fit the model:\n'
       '  shape mismatches: head.bias: model (10,) vs checkpoint (7,); head.kernel: model '
-      '(32, 10) vs checkpoint (32, 7)\n'
-      '  not in the model: ' + ', '.join(f'blocks.2.{n}' for n in BLOCK2) + '\n'
-      '  hint: the checkpoint has depth 3, num_classes 7 but the model has depth 2, num_classes '
-      '10; choose the matching config or override, e.g. --config.model.depth=3 '
+      '(32, 10) vs checkpoint (32, 7)\n' + BLOCK2_NOT_IN_MODEL + '\n'
+      '  hint: the checkpoint has depth 3, width 32 and num_classes 7; choose the matching '
+      'config or override, e.g. --config.model.depth=3 --config.model.dim=32 '
       '--config.model.num_classes=7')
 
 
 def test_init_from_another_architecture_lists_mismatches(tmp_path, other_architecture):
-  # init_from goes through the conversion table: a head of another size is re-initialised
-  # (fine-tuning), a missing or extra block is an error naming the torch-layout names.
+  # init_from applies the fine-tuning rules to the native parameters: a head of another size
+  # is re-initialised, a missing or extra block is an error naming the checkpoint's names.
   config = tiny_config(**{'model.depth': 2, 'init_from': other_architecture})
   with pytest.raises(checkpoints.CheckpointError) as e:
-    train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
-  shapes = {'attn.proj.bias': (32,), 'attn.proj.weight': (32, 32), 'attn.qkv.bias': (96,),
-            'attn.qkv.weight': (96, 32), 'mlp.fc1.bias': (128,), 'mlp.fc1.weight': (128, 32),
-            'mlp.fc2.bias': (32,), 'mlp.fc2.weight': (32, 128), 'norm1.bias': (32,),
-            'norm1.weight': (32,), 'norm2.bias': (32,), 'norm2.weight': (32,)}
+    train.prepare_training(config, jax.devices()[:1])
   assert str(e.value) == (
-      f'config.init_from={other_architecture!r}: state dict does not fit config.model (dim=32, '
-      'depth=2, heads=2, patch=7, image_size=28, num_classes=10); names and shapes in timm / '
-      'torch layout:\n  not in the model: '
-      + ', '.join(f'blocks.2.{n} {s}' for n, s in shapes.items()) +
-      '\n  hint: the checkpoint has depth 3 and width 32; choose the matching config or '
+      f'config.init_from={other_architecture!r} does not fit the model:\n' + BLOCK2_NOT_IN_MODEL
+      + '\n  hint: the checkpoint has depth 3 and width 32; choose the matching config or '
       'override, e.g. --config.model.depth=3 --config.model.dim=32')
 
 

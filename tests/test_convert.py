@@ -124,7 +124,7 @@ def images(seed, c, batch=2):
 
 
 def params_of(model):
-  return checkpoints.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  return config_lib.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 # --- exactness against Hugging Face's PyTorch ViT ---------------------------------------------
@@ -228,7 +228,7 @@ def test_orbax_and_safetensors_round_trip(tmp_path):
   assert metadata['source'] == str(tmp_path / 'w.pth')
   assert metadata['source_format'] == 'timm'
   direct = params_of(convert.from_torch(sd, c))
-  restored = checkpoints.flatten(params)
+  restored = config_lib.flatten(params)
   assert sorted(restored) == sorted(direct)
   for k in direct:
     np.testing.assert_array_equal(restored[k], direct[k])
@@ -264,7 +264,7 @@ def test_cli(tmp_path):
   params, metadata = checkpoints.load_params(ckpt)
   assert metadata['model']['depth'] == 2 and metadata['model']['halting'] is False
   direct = params_of(convert.from_torch(pth, c))
-  for k, v in checkpoints.flatten(params).items():
+  for k, v in config_lib.flatten(params).items():
     np.testing.assert_array_equal(v, direct[k])
   mtime = os.path.getmtime(os.path.join(ckpt, 'params'))
   again = run('--src', pth, '--config', 'configs/tiny.py', '--out', ckpt, *overrides)

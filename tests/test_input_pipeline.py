@@ -280,8 +280,10 @@ def test_missing_data_errors(tmp_path, monkeypatch):
     input_pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
   config = _config()
   config.data.source = 'mnist'
-  with pytest.raises(ValueError, match='config.data.source must be one of'):
+  with pytest.raises(ValueError) as error:
     input_pipeline.train_iterator(config)
+  assert str(error.value) == ("config.data.source='mnist' is invalid: expected one of "
+                              "('imagenet2012', 'folder', 'fashion_mnist')")
   with pytest.raises(ValueError, match='multiple of the number of processes'):
     input_pipeline.train_iterator(_config(), process_index=0, process_count=4)
 

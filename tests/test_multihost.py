@@ -22,12 +22,12 @@ DRIVER = textwrap.dedent('''
       jax.distributed.initialize(f'127.0.0.1:{port}', int(num_processes), int(process_id))
     import numpy as np
     from flax import nnx
-    from avit_jax import checkpoints, input_pipeline, sharding, train
+    from avit_jax import config_lib, input_pipeline, sharding, train
     sys.path.insert(0, REPO_DIR)
     from tests.test_train import tiny_config
     # eps 1e-3: see test_train.test_eight_devices_and_fsdp_match_one_device.
     config = tiny_config(**{'data.data_dir': data_dir, 'optimizer.eps': 1e-3})
-    trainer = train.Trainer(config, os.path.join(out, f'workdir{process_id}'))
+    program, state = train.prepare_training(config)
     if int(num_processes) > 1:
       batches = input_pipeline.train_iterator(config)  # this host's shard only
     else:  # the same global batches: host 0's shard, then host 1's
@@ -37,13 +37,12 @@ DRIVER = textwrap.dedent('''
                  for parts in zip(*shards))
     losses = []
     for _ in range(3):
-      batch = sharding.global_batch(next(batches), trainer.mesh)
-      trainer.state, metrics = trainer.train_step(trainer.state, batch)
+      batch = sharding.global_batch(next(batches), program.mesh)
+      state, metrics = program.train_step(state, batch)
       losses.append(float(metrics['loss']))
-    params = checkpoints.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state.params)))
+    params = config_lib.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)))
     if jax.process_index() == 0:
       np.savez(os.path.join(out, f'result{num_processes}.npz'), losses=np.array(losses), **params)
-    trainer.checkpoints.close()
     print('done', jax.process_index(), jax.device_count(), losses)
 ''').replace('REPO_DIR', repr(REPO))
 

@@ -110,7 +110,7 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, fashion_mnist_dir):
 @pytest.mark.slow
 def test_tpu_notebook_stops_where_imagenet_is_needed(tmp_path, monkeypatch):
   import torch
-  from avit_jax import checkpoints, convert, models
+  from avit_jax import checkpoints, config_lib, convert, models
   from configs import tiny
 
   # A random DeiT-T in the published file's format stands in for the download.
@@ -136,6 +136,6 @@ def test_tpu_notebook_stops_where_imagenet_is_needed(tmp_path, monkeypatch):
   # The conversion wrote the DeiT-T weights as an A-ViT-T checkpoint.
   params, metadata = checkpoints.load_params(str(init))
   assert metadata['model']['variant'] == 'avit_tiny_patch16_224'
-  np.testing.assert_array_equal(checkpoints.flatten(params)['blocks.3.mlp.fc1.kernel'],
+  np.testing.assert_array_equal(config_lib.flatten(params)['blocks.3.mlp.fc1.kernel'],
                                 state['blocks.3.mlp.fc1.weight'].T)
   assert 'converted: 5.7' in _text(nb)  # DeiT-T: 5.72 M parameters

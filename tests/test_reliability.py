@@ -19,12 +19,11 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avit_jax import checkpoints, input_pipeline, train
-from tests.test_train import tiny_config
+from avit_jax import checkpoints, config_lib, input_pipeline, train
+from tests.test_train import sigterm_at, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 12
@@ -139,7 +138,7 @@ def _eval(workdir: str) -> dict:
 
 def _params(workdir: str, step: int) -> dict:
   params, _ = checkpoints.load_params(os.path.join(workdir, 'checkpoints', str(step)))
-  return checkpoints.flatten(params)
+  return config_lib.flatten(params)
 
 
 def _assert_same_params(a: dict, b: dict, note: str) -> None:
@@ -283,10 +282,8 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoints(tmp_path, monkeypat
   _nan_at(monkeypatch, 5)
   config = _nan_config(fashion_mnist_dir)
   workdir = str(tmp_path / 'run')
-  trainer = train.Trainer(config, workdir, devices=jax.devices()[:1])
   with pytest.raises(train.NonFiniteLossError) as error:
-    trainer.train()
-  trainer.checkpoints.close()
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   last_good = os.path.join(workdir, 'checkpoints', '4')
   assert str(error.value) == (
       'non-finite loss or gradient at step 5 (ce=nan, ponder=0.0005, prior=nan); the step was not '
@@ -304,18 +301,17 @@ def test_skip_nonfinite_steps_skips_counts_and_resumes_the_count(tmp_path, monke
   _nan_at(monkeypatch, 5)
   workdir = str(tmp_path / 'run')
   config = _nan_config(fashion_mnist_dir, skip_nonfinite_steps=True, checkpoint_every_steps=1)
-  trainer = train.Trainer(config, workdir, devices=jax.devices()[:1])
-  trainer.train(stop_at=6)
+  sigterm_at(monkeypatch, 5)  # stop after step 6, as a preempted run does
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   assert 'skipped 1 non-finite step(s) so far (skip_nonfinite_steps=True); the first in this ' \
          'run was step 5' in caplog.text
   # The skipped step changed nothing: the parameters after it are those before it.
   _assert_same_params(_params(workdir, 6), _params(workdir, 5), '(step 5 skipped)')
-  # As a restarted process would: the count comes back from the checkpoint.
-  trainer.state = trainer.state.replace(nonfinite_steps=jnp.zeros((), jnp.int32))
-  trainer.train(stop_at=8)  # resumes at 6
-  trainer.checkpoints.close()
-  second = trainer
-  assert int(second.state.step) == 8 and int(second.state.nonfinite_steps) == 1
+  # A second run resumes at 6; the count comes back from the checkpoint.
+  sigterm_at(monkeypatch, 7)
+  with pytest.raises(train.Preempted, match='stopped at step 8'):
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   with open(os.path.join(workdir, 'checkpoints', '8', 'train', 'metadata')) as f:
     assert json.load(f)['nonfinite_steps'] == 1
   for value in _params(workdir, 8).values():

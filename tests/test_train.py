@@ -1,8 +1,11 @@
-"""Trainer: schedule and decay mask by hand, a real short run, resume, eval-only, 8 vs 1 device."""
+"""Training: schedule and decay mask by hand, a real short run, resume after preemption, eval-only,
+8 vs 1 device."""
 
 import json
+import logging
 import math
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from avit_jax import checkpoints, optim, sharding, train
+from avit_jax import (checkpoints, config_lib, finetune, input_pipeline, models, optim, sharding,
+                      train)
 from configs import fashion_mnist
 
 
@@ -55,7 +59,6 @@ def test_schedule_matches_hand_values():
 
 
 def test_weight_decay_mask():
-  from avit_jax import models
   model = models.create(tiny_config().model, seed=0)
   mask = nnx.to_pure_dict(optim.decay_mask(nnx.state(model, nnx.Param)))
   assert mask['blocks'][0]['attn']['qkv']['kernel'] is True
@@ -74,8 +77,21 @@ def test_weight_decay_mask():
   np.testing.assert_array_equal(updates['b'], 0.0)
 
 
-def _params(trainer):
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state.params))
+def _params(state):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
+
+
+def sigterm_at(monkeypatch, step: int) -> None:
+  """The training data sends this process SIGTERM while it fetches the batch of `step`
+  (0-based): the run then stops as a preempted one does, right after that step."""
+  real = input_pipeline.train_iterator
+
+  def iterator(config, *, start_step=0, **kwargs):
+    for s, batch in enumerate(real(config, start_step=start_step, **kwargs), start_step):
+      if s == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+  monkeypatch.setattr(input_pipeline, 'train_iterator', iterator)
 
 
 @pytest.fixture(scope='module')
@@ -83,9 +99,8 @@ def trained(tmp_path_factory, fashion_mnist_dir):
   """One uninterrupted 8-step run, shared by the tests below."""
   workdir = str(tmp_path_factory.mktemp('full'))
   config = tiny_config(**{'data.data_dir': fashion_mnist_dir})
-  untrained = train.Trainer(config, str(tmp_path_factory.mktemp('untrained')))
-  initial = untrained.evaluate()
-  untrained.checkpoints.close()
+  program, untrained = train.prepare_training(config)
+  initial = train.evaluate(program.eval_step, untrained.params, config, program.mesh)
   metrics = train.train_and_evaluate(config, workdir)
   metrics['initial_eval_loss'] = initial['eval_loss']
   return config, workdir, metrics
@@ -113,19 +128,19 @@ def test_short_run_writes_eval_json_and_checkpoints(trained):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 
-def test_resume_reproduces_uninterrupted_run(trained, tmp_path):
+def test_resume_reproduces_uninterrupted_run(trained, tmp_path, monkeypatch):
   config, full_dir, _ = trained
   workdir = str(tmp_path / 'resumed')
-  first = train.Trainer(config, workdir)
-  first.train(stop_at=4)  # as if killed right after the step-4 checkpoint
-  first.checkpoints.close()
-  second = train.Trainer(config, workdir)
-  second.train()  # resumes from step 4 by itself
-  second.checkpoints.close()
-  assert int(second.state.step) == 8
+  with monkeypatch.context() as patch:
+    sigterm_at(patch, 3)  # preempted after step 4: its checkpoint is written, then it stops
+    with pytest.raises(train.Preempted, match='stopped at step 4 after writing checkpoint'):
+      train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4']
+  metrics = train.train_and_evaluate(config, workdir)  # resumes from step 4 by itself
+  assert metrics['step'] == 8
   full, _ = checkpoints.load_params(os.path.join(full_dir, 'checkpoints', '8'))
-  resumed = checkpoints.flatten(_params(second))
-  full = checkpoints.flatten(full)
+  resumed, _ = checkpoints.load_params(os.path.join(workdir, 'checkpoints', '8'))
+  resumed, full = config_lib.flatten(resumed), config_lib.flatten(full)
   assert resumed.keys() == full.keys()
   for name in full:  # bitwise: same data order, same keys, same arithmetic
     np.testing.assert_array_equal(resumed[name], full[name], err_msg=name)
@@ -141,7 +156,7 @@ def test_eval_only_matches_training_eval(trained):
   np.testing.assert_allclose(again['mean_token_depth'], metrics['mean_token_depth'], rtol=1e-6)
 
 
-def test_eight_devices_and_fsdp_match_one_device(fashion_mnist_dir, tmp_path):
+def test_eight_devices_and_fsdp_match_one_device(fashion_mnist_dir):
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 fake CPU devices'
   # Adam with eps 1e-8 maps a near-zero gradient's rounding noise to a +-lr step (the key
   # bias's gradient is exactly zero in exact arithmetic); eps 1e-3 keeps the update a smooth
@@ -153,42 +168,65 @@ def test_eight_devices_and_fsdp_match_one_device(fashion_mnist_dir, tmp_path):
   results = []
   for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 1), (jax.devices(), 2)):
     config.mesh.fsdp = fsdp
-    trainer = train.Trainer(config, str(tmp_path / f'{len(devices)}-{fsdp}'), devices=devices)
+    program, state = train.prepare_training(config, devices)
     losses = []
     for batch in batches:
-      trainer.state, metrics = trainer.train_step(trainer.state,
-                                                  sharding.global_batch(batch, trainer.mesh))
+      state, metrics = program.train_step(state, sharding.global_batch(batch, program.mesh))
       losses.append(float(metrics['loss']))
-    assert trainer.train_step._cache_size() == 1  # compiled once
+    assert program.train_step._cache_size() == 1  # compiled once
     if fsdp > 1:  # parameters really are split: a [D, 3D] kernel lives in halves
-      qkv = trainer.state.params['blocks'][0]['attn']['qkv']['kernel']
+      qkv = state.params['blocks'][0]['attn']['qkv']['kernel']
       assert qkv[...].sharding.shard_shape(qkv[...].shape) == (32, 48)
-    trainer.checkpoints.close()
-    results.append((losses, _params(trainer)))
+    results.append((losses, _params(state)))
   (loss1, params1), (loss8, params8), (loss_fsdp, params_fsdp) = results
   np.testing.assert_allclose(loss_fsdp, loss1, rtol=1e-5)
-  for name, value in checkpoints.flatten(params1).items():
-    np.testing.assert_allclose(checkpoints.flatten(params_fsdp)[name], value, rtol=1e-5,
+  for name, value in config_lib.flatten(params1).items():
+    np.testing.assert_allclose(config_lib.flatten(params_fsdp)[name], value, rtol=1e-5,
                                atol=1e-5 * np.abs(value).max(), err_msg=name)
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
-  flat8, flat1 = checkpoints.flatten(params8), checkpoints.flatten(params1)
+  flat8, flat1 = config_lib.flatten(params8), config_lib.flatten(params1)
   for name in flat1:
     a, b = flat8[name], flat1[name]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=name)
 
 
-def test_ema_of_parameters_matches_hand_recursion(fashion_mnist_dir, tmp_path):
+def test_ema_of_parameters_matches_hand_recursion(fashion_mnist_dir):
   config = tiny_config(**{'data.data_dir': fashion_mnist_dir, 'optimizer.ema_decay': 0.9})
-  trainer = train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+  program, state = train.prepare_training(config, jax.devices()[:1])
   rng = np.random.default_rng(1)
-  expected = checkpoints.flatten(_params(trainer))
+  expected = config_lib.flatten(_params(state))
   for _ in range(2):
     batch = {'images': rng.normal(size=(32, 28, 28, 3)).astype(np.float32),
              'labels': rng.integers(0, 10, size=32).astype(np.int32)}
-    trainer.state, _ = trainer.train_step(trainer.state, sharding.global_batch(batch, trainer.mesh))
-    params = checkpoints.flatten(_params(trainer))
+    state, _ = program.train_step(state, sharding.global_batch(batch, program.mesh))
+    params = config_lib.flatten(_params(state))
     expected = {k: 0.9 * expected[k] + 0.1 * params[k] for k in params}
-  ema = checkpoints.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state.ema_params)))
+  ema = config_lib.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state.ema_params)))
   for name in expected:
     np.testing.assert_allclose(ema[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
-  trainer.checkpoints.close()
+
+
+def test_init_from_fits_head_and_pos_embed_to_the_model(tmp_path, caplog):
+  """init_from a checkpoint of 7 classes on 21 x 21 images (3 x 3 patches) into a 10-class
+  28 x 28 model (4 x 4): the native fine-tuning rules, no PyTorch layout on the way."""
+  source_config = tiny_config(**{'model.num_classes': 7, 'model.image_size': 21})
+  saved = nnx.to_pure_dict(nnx.state(models.create(source_config.model, seed=5), nnx.Param))
+  checkpoints.save_params(str(tmp_path / 'ckpt'), saved, {})
+  source = config_lib.flatten(jax.tree.map(np.asarray, saved))
+  config = tiny_config(**{'init_from': str(tmp_path / 'ckpt'), 'seed': 3})
+  with caplog.at_level(logging.WARNING):
+    loaded = config_lib.flatten(nnx.to_pure_dict(nnx.state(train.create_model(config),
+                                                           nnx.Param)))
+  assert ('Checkpoint head classes 7 -> 10 (config.model.num_classes): re-initialising'
+          in caplog.text)
+  assert 'Resampled pos_embed from a 3x3 to a 4x4 patch grid' in caplog.text
+  fresh = config_lib.flatten(nnx.to_pure_dict(nnx.state(models.create(config.model, seed=3),
+                                                        nnx.Param)))
+  assert loaded.keys() == fresh.keys()
+  for name in loaded:
+    if name.startswith('head.'):  # the model's own fresh head (seed 3)
+      np.testing.assert_array_equal(loaded[name], fresh[name], err_msg=name)
+    elif name == 'pos_embed':
+      np.testing.assert_array_equal(loaded[name], finetune.resample_pos_embed(source[name], 4))
+    else:  # everything else as saved
+      np.testing.assert_array_equal(loaded[name], source[name], err_msg=name)
