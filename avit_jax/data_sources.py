@@ -9,6 +9,8 @@ import functools
 import gzip
 import math
 import os
+import socket
+import urllib.parse
 from collections.abc import Callable
 
 import ml_collections
@@ -102,9 +104,8 @@ def fashion_mnist(data_dir: str, split: str) -> Table:
         raise ValueError(f'{paths[0]} has {images.shape[0]} images but {paths[1]} has '
                          f'{labels.shape[0]} labels')
       return Table(f'fashion_mnist/{split}', labels.astype(np.int32), images=images)
-  try:  # tfds fallback (downloads where the machine has internet access).
-    images, labels = tfds.as_numpy(tfds.load('fashion_mnist', split=split, batch_size=-1,
-                                              as_supervised=True))
+  try:
+    images, labels = _tfds_fashion_mnist(split)
   except Exception as e:  # pylint: disable=broad-except
     raise FileNotFoundError(
         f'Fashion-MNIST not found. Tried the IDX files {tried} (config.data.data_dir='
@@ -113,6 +114,28 @@ def fashion_mnist(data_dir: str, split: str) -> Table:
         '/usr/share/datasets/fashion-mnist), or copy train-/t10k-{images-idx3,labels-idx1}-'
         'ubyte.gz into a directory and set --config.data.data_dir to it.') from None
   return Table(f'fashion_mnist/{split}', labels.astype(np.int32), images=images)
+
+
+def _tfds_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """tensorflow-datasets' copy: read from disk when prepared, else downloaded, but only after
+  its server answered a quick connection test (offline, tfds would retry for minutes)."""
+  builder = tfds.builder('fashion_mnist')
+  if not builder.is_prepared():
+    check_reachable(tfds.builder_cls('fashion_mnist').URL)
+    builder.download_and_prepare()
+  return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+  """Raises ConnectionError within `timeout` seconds unless a TCP connection to `url`'s host
+  opens (a download would then at least start)."""
+  parts = urllib.parse.urlsplit(url)
+  port = parts.port or (443 if parts.scheme == 'https' else 80)
+  try:
+    socket.create_connection((parts.hostname, port), timeout=timeout).close()
+  except OSError as e:
+    raise ConnectionError(f'cannot reach {parts.hostname}:{port} to download ({e}); no network?'
+                          ) from None
 
 
 def _folder_split_dir(root: str, split: str) -> str:

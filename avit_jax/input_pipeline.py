@@ -5,7 +5,8 @@ config.data.source picks the data:
                    `tfds build`; docs/data.md); data_dir may be gs://.
   'folder'         data_dir/<split>/<class>/*.{JPEG,jpg,png,...}; class index = sorted folder
                    names of the train split ('validation' falls back to data_dir/val).
-  'fashion_mnist'  gzipped IDX files in data_dir, else tfds 'fashion_mnist'.
+  'fashion_mnist'  gzipped IDX files in data_dir, else tfds 'fashion_mnist' (on disk, or downloaded
+                   once its server answers a quick check).
 
 Order. Host h of P reads only examples h, h + P, h + 2P, ... of a split (tfds:
 `split_for_jax_process`). Train batches never straddle epochs: an epoch is floor(n_h / b)

@@ -101,9 +101,10 @@ def main(argv) -> None:
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(EXIT_PREEMPTED)
-  except (workdir.WorkdirError, checkpoints.CheckpointError, train.NonFiniteLossError) as e:
-    # The user's to fix (see the message; conversion errors are CheckpointErrors); a
-    # traceback would only hide it.
+  except (workdir.WorkdirError, checkpoints.CheckpointError, train.NonFiniteLossError,
+          FileNotFoundError) as e:
+    # The user's to fix (see the message; conversion errors are CheckpointErrors, missing
+    # data FileNotFoundErrors); a traceback would only hide it.
     logging.error('%s', e)
     sys.exit(f'error: {e}')
   if (config.mode == 'train' and config.write_depth_maps and config.model.halting

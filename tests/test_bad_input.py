@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,49 @@ def test_wrong_types_in_a_config_built_from_a_dict():
   config = fashion_mnist.get_config()
   config.model.gate_scale = 10  # an int where a float is expected is fine
   train.validate_config(config, device_count=1)
+
+
+# Runs `python -m avit_jax.main` on a machine without network: name lookups fail and no
+# connection opens, as on a host without internet access.
+OFFLINE_MAIN = '''
+import socket, sys
+def no_dns(*args, **kwargs):
+  raise socket.gaierror(-2, 'Name or service not known')
+def refuse(*args, **kwargs):
+  raise ConnectionRefusedError(111, 'Connection refused')
+socket.getaddrinfo = no_dns
+socket.socket.connect = refuse
+from avit_jax import main
+sys.argv = ['avit_jax.main'] + sys.argv[1:]
+main.run()
+'''
+
+
+def test_default_command_without_data_or_network_fails_within_seconds(tmp_path):
+  """The default command where neither the Debian package's files nor a tfds copy exist and
+  nothing can be downloaded: the instructions come at once (tfds alone retried for minutes)."""
+  no_data = tmp_path / 'no_fashion_mnist'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             TFDS_DATA_DIR=str(tmp_path / 'tensorflow_datasets'))
+  start = time.monotonic()
+  result = subprocess.run(
+      [sys.executable, '-c', OFFLINE_MAIN, '--config', CONFIG_FILE, '--workdir',
+       str(tmp_path / 'wd'), f'--config.data.data_dir={no_data}'], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=120)
+  elapsed = time.monotonic() - start
+  assert result.returncode == 1 and elapsed < 30, (elapsed, result.stderr[-3000:])
+  idx = [str(no_data / f'train-{k}-idx{n}-ubyte{s}') for s in ('.gz', '')
+         for k, n in (('images', 3), ('labels', 1))]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: Fashion-MNIST not found. Tried the IDX files {idx} '
+      f"(config.data.data_dir='{no_data}') and tensorflow-datasets \"fashion_mnist\" "
+      '(ConnectionError: cannot reach fashion-mnist.s3-website.eu-central-1.amazonaws.com:80 to '
+      'download ([Errno -2] Name or service not known); no network?). Provide the data with '
+      '`apt-get install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist), or '
+      'copy '
+      'train-/t10k-{images-idx3,labels-idx1}-ubyte.gz into a directory and set '
+      '--config.data.data_dir to it.')
+  assert 'Traceback' not in result.stderr
 
 
 # -- workdir ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -264,14 +265,29 @@ def test_corrupt_images_are_skipped_and_named(tmp_path, raw_test, caplog):
 
 
 def test_missing_data_errors(tmp_path, monkeypatch):
-  def no_tfds(*args, **kwargs):
-    raise ConnectionError('no network')
-  monkeypatch.setattr(data_sources.tfds, 'load', no_tfds)
+  # No IDX files, no prepared tfds copy, no network: the error comes at once, without a
+  # download attempt (tfds alone would retry for minutes).
+  real_builder = data_sources.tfds.builder
+  monkeypatch.setattr(data_sources.tfds, 'builder',
+                      lambda name, **kwargs: real_builder(name, data_dir=str(tmp_path / 'tfds')))
+
+  def refuse(address, timeout=None):
+    raise ConnectionRefusedError(111, 'Connection refused')
+  monkeypatch.setattr(data_sources.socket, 'create_connection', refuse)
+  start = time.monotonic()
   with pytest.raises(FileNotFoundError) as error:
     input_pipeline.num_examples(_config(tmp_path / 'fm'), 'train')
-  message = str(error.value)
-  assert str(tmp_path / 'fm' / 'train-images-idx3-ubyte.gz') in message
-  assert 'apt-get install dataset-fashion-mnist' in message and 'no network' in message
+  assert time.monotonic() - start < 10
+  idx = [str(tmp_path / 'fm' / f'train-{k}-idx{n}-ubyte{s}') for s in ('.gz', '')
+         for k, n in (('images', 3), ('labels', 1))]
+  assert str(error.value) == (
+      f'Fashion-MNIST not found. Tried the IDX files {idx} (config.data.data_dir='
+      f"'{tmp_path / 'fm'}') and tensorflow-datasets \"fashion_mnist\" (ConnectionError: cannot "
+      'reach fashion-mnist.s3-website.eu-central-1.amazonaws.com:80 to download ([Errno 111] '
+      'Connection refused); no network?). Provide the data with `apt-get install '
+      'dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist), or copy '
+      'train-/t10k-{images-idx3,labels-idx1}-ubyte.gz into a directory and set '
+      '--config.data.data_dir to it.')
 
   with pytest.raises(FileNotFoundError, match='ROOT/train'):
     input_pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
