@@ -2,8 +2,8 @@
 
 Config files (configs/*.py) start from `base_config()` and change what differs, so every
 run has every field and a typo in an override fails loudly. Each section of a config is
-checked by the module that uses it (`train.validate_config` calls them in turn); this module
-checks only that every field has its default's type. It imports nothing but ml_collections
+checked by the module that uses it (`validation.validate_config` calls them in turn); this
+module checks only that every field has its default's type. It imports nothing but ml_collections
 and the standard library, so configs load without jax or tensorflow.
 """
 

@@ -83,14 +83,14 @@ def main(argv) -> None:
   _maybe_initialize_distributed()
   import jax
 
-  from avit_jax import checkpoints, train, workdir
+  from avit_jax import checkpoints, train, validation, workdir
 
   config = _CONFIG.value
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
   try:  # Config mistakes: one line naming field, value and fix, before anything compiles.
-    train.validate_config(config)
+    validation.validate_config(config)
   except (ValueError, TypeError) as e:
     sys.exit(f'error: {e}')
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,

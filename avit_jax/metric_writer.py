@@ -1,22 +1,63 @@
-"""TensorBoard scalars for a run, written by process 0 only (tensorboardX event files)."""
+"""What a run reports into its workdir: TensorBoard scalars (tensorboardX event files) and
+eval.json, written by process 0 only, and the train / eval log lines."""
 
 from __future__ import annotations
 
+import os
+import time
+
+from absl import logging
+
+from avit_jax.workdir import write_json
+
+EVAL_FILE = 'eval.json'
+
 
 class MetricWriter:
-  """`scalars(step, {name: value})` into WORKDIR event files; a no-op when not enabled."""
+  """`scalars(step, {name: value})`, and the reports of a logged step and of an evaluation;
+  files are written only when `enabled` (process 0)."""
 
-  def __init__(self, logdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool):
+    self.workdir = workdir
+    self.enabled = enabled
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir)
+      self._tb = SummaryWriter(workdir)
 
   def scalars(self, step: int, values: dict) -> None:
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(name, float(value), step)
       self._tb.flush()
+
+  def train_step(self, step: int, total: int, metrics: dict, *, epoch: float,
+                 images_per_second: float, eta_seconds: float, nonfinite_steps: int) -> None:
+    """Scalars train/* and the log line of a logged step (metrics already on the host)."""
+    self.scalars(step, {f'train/{k}': v for k, v in metrics.items()} |
+                 {'train/images_per_second': images_per_second,
+                  'train/nonfinite_steps': nonfinite_steps})
+    logging.info('step %d/%d epoch %.2f | loss %.4f (ce %.4f ponder %.5f prior %.5f) | '
+                 'depth %.2f compute %.0f%% | lr %.2e | %.0f img/s | ETA %s', step, total, epoch,
+                 metrics['loss'], metrics['ce'], metrics['ponder_loss'], metrics['prior_loss'],
+                 metrics['mean_token_depth'], 100 * metrics['remaining_compute'], metrics['lr'],
+                 images_per_second, time.strftime('%H:%M:%S', time.gmtime(eta_seconds)))
+
+  def evaluation(self, metrics: dict, *, split: str, depth: int) -> None:
+    """WORKDIR/eval.json (replaced atomically), scalars eval/<split>/* and one log line."""
+    if self.enabled:
+      write_json(os.path.join(self.workdir, EVAL_FILE), metrics)
+    self.scalars(metrics['step'], {
+        f'eval/{split}/top1': metrics['top1'], f'eval/{split}/top5': metrics['top5'],
+        f'eval/{split}/loss': metrics['eval_loss'],
+        f'eval/{split}/mean_token_depth': metrics['mean_token_depth'],
+        f'eval/{split}/gflops': metrics['gflops_per_image'],
+        f'eval/{split}/images_per_second': metrics['images_per_second']})
+    logging.info('eval step %d: top1 %.4f top5 %.4f loss %.4f depth %.2f/%d GFLOPs %.4f '
+                 '(%.0f%% of dense) %.0f img/s', metrics['step'], metrics['top1'],
+                 metrics['top5'], metrics['eval_loss'], metrics['mean_token_depth'], depth,
+                 metrics['gflops_per_image'], 100 * metrics['compute_fraction'],
+                 metrics['images_per_second'])
 
   def close(self) -> None:
     if self._tb is not None:

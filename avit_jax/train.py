@@ -1,5 +1,5 @@
-"""A-ViT / DeiT training as the Flax examples write it: config check, state, pure jitted
-steps, and one `train_and_evaluate` loop.
+"""A-ViT / DeiT training as the Flax examples write it: model and state, pure jitted steps,
+and one `train_and_evaluate` loop.
 
 One `jax.jit` train step over a mesh of all devices: the batch is sharded on the batch
 axes, parameters and optimizer state are replicated (or fsdp-sharded). The data order and
@@ -27,13 +27,11 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from avit_jax import (augment, checkpoints, config_lib, data_sources, evaluation, finetune, flops,
+from avit_jax import (augment, checkpoints, config_lib, evaluation, finetune, flops,
                       input_pipeline, losses, models, optim, sharding)
 from avit_jax.metric_writer import MetricWriter
-from avit_jax.workdir import Workdir, write_json
-
-EVAL_FILE = 'eval.json'
-
+from avit_jax.validation import validate_config
+from avit_jax.workdir import Workdir
 
 class NonFiniteLossError(FloatingPointError):
   """A step's loss or gradient was not finite (and skip_nonfinite_steps is off)."""
@@ -43,45 +41,7 @@ class Preempted(RuntimeError):
   """SIGTERM stopped training after a checkpoint was written; rerun the command to resume."""
 
 
-# --- config --------------------------------------------------------------------------------
-
-def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
-  """Fails fast, before anything compiles, on impossible values; names field, value, fix.
-
-  Each section is checked once, by the module that uses it, in this order: every field's
-  type, the run mode, the data source, the run's lengths (here), the model, the losses,
-  the optimizer.
-  """
-  config_lib.check_types(config)
-  if config.mode not in config_lib.RUN_MODES:
-    raise config_lib.invalid('mode', config.mode, f'expected one of {config_lib.RUN_MODES}')
-  data_sources.check_config(config.data)
-  _check_run_lengths(config, jax.device_count() if device_count is None else device_count)
-  models.check_config(config.model)
-  if config.model.halting:
-    losses.check_prior_target(config.model.depth, config.loss.prior_target_depth)
-  optim.check_config(config.optimizer)
-
-
-def _check_run_lengths(config: ml_collections.ConfigDict, devices: int) -> None:
-  """Batch sizes, intervals and duration, the fields the loop below reads."""
-  for field in ('batch_size', 'eval_batch_size'):
-    value = config[field]
-    if not isinstance(value, int) or value <= 0:
-      raise config_lib.invalid(field, value, 'expected a positive integer')
-    if value % devices:
-      raise config_lib.invalid(field, value, f'must be divisible by the number of devices '
-                                             f'({devices}); use a multiple of {devices}')
-  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    if config[field] <= 0:
-      raise config_lib.invalid(field, config[field], 'expected a positive integer')
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise config_lib.invalid('num_epochs', config.num_epochs,
-                             'expected > 0 (or num_train_steps > 0)')
-  if config.eval_every_steps < 0:
-    raise config_lib.invalid('eval_every_steps', config.eval_every_steps,
-                             'expected >= 0 (0: once per epoch)')
-
+# --- model and state -----------------------------------------------------------------------
 
 def run_length(config: ml_collections.ConfigDict, train_examples: int) -> tuple[int, int]:
   """(steps per epoch, total steps): num_train_steps when > 0, else num_epochs."""
@@ -90,8 +50,6 @@ def run_length(config: ml_collections.ConfigDict, train_examples: int) -> tuple[
            else int(math.ceil(config.num_epochs * steps_per_epoch)))
   return steps_per_epoch, total
 
-
-# --- model and state -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ModelGraphs:
@@ -312,7 +270,7 @@ def prepare_training(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   return program, jax.device_put(state, shardings)
 
 
-# --- evaluation and reporting --------------------------------------------------------------
+# --- evaluation ----------------------------------------------------------------------------
 
 def evaluate(eval_fn: Callable, params, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
   """Exact metrics of `params` over config.data.eval_split (evaluation.evaluate)."""
@@ -320,38 +278,6 @@ def evaluate(eval_fn: Callable, params, config: ml_collections.ConfigDict, mesh:
   return evaluation.evaluate(lambda batch: eval_fn(params, batch), batches,
                              num_tokens=models.num_tokens(config.model),
                              dense_gflops=flops.dense_gflops(config.model))
-
-
-def report_eval(metrics: dict, config: ml_collections.ConfigDict, workdir: str,
-                writer: MetricWriter) -> None:
-  """WORKDIR/eval.json (process 0), TensorBoard scalars and one log line."""
-  if jax.process_index() == 0:
-    write_json(os.path.join(workdir, EVAL_FILE), metrics)
-  split = config.data.eval_split
-  writer.scalars(metrics['step'], {
-      f'eval/{split}/top1': metrics['top1'], f'eval/{split}/top5': metrics['top5'],
-      f'eval/{split}/loss': metrics['eval_loss'],
-      f'eval/{split}/mean_token_depth': metrics['mean_token_depth'],
-      f'eval/{split}/gflops': metrics['gflops_per_image'],
-      f'eval/{split}/images_per_second': metrics['images_per_second']})
-  logging.info('eval step %d: top1 %.4f top5 %.4f loss %.4f depth %.2f/%d GFLOPs %.4f '
-               '(%.0f%% of dense) %.0f img/s', metrics['step'], metrics['top1'],
-               metrics['top5'], metrics['eval_loss'], metrics['mean_token_depth'],
-               config.model.depth, metrics['gflops_per_image'],
-               100 * metrics['compute_fraction'], metrics['images_per_second'])
-
-
-def report_train(writer: MetricWriter, step: int, total: int, metrics: dict, *, epoch: float,
-                 images_per_second: float, eta_seconds: float, nonfinite_steps: int) -> None:
-  """TensorBoard scalars and the log line of a logged step (metrics on the host)."""
-  writer.scalars(step, {f'train/{k}': v for k, v in metrics.items()} |
-                 {'train/images_per_second': images_per_second,
-                  'train/nonfinite_steps': nonfinite_steps})
-  logging.info('step %d/%d epoch %.2f | loss %.4f (ce %.4f ponder %.5f prior %.5f) | '
-               'depth %.2f compute %.0f%% | lr %.2e | %.0f img/s | ETA %s', step, total, epoch,
-               metrics['loss'], metrics['ce'], metrics['ponder_loss'], metrics['prior_loss'],
-               metrics['mean_token_depth'], 100 * metrics['remaining_compute'], metrics['lr'],
-               images_per_second, time.strftime('%H:%M:%S', time.gmtime(eta_seconds)))
 
 
 def check_finite(state: TrainState, config: ml_collections.ConfigDict, reported: int,
@@ -411,7 +337,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   name = os.path.basename(os.path.normpath(directory))
   metrics.update(step=int(name) if name.isdigit() else 0, checkpoint=os.path.abspath(directory))
   writer = MetricWriter(workdir, jax.process_index() == 0)
-  report_eval(metrics, config, workdir, writer)
+  writer.evaluation(metrics, split=config.data.eval_split, depth=config.model.depth)
   writer.close()
   return metrics
 
@@ -457,15 +383,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if log_now:
           now = time.perf_counter()
           rate = (done - tick_step) * config.batch_size / (now - tick)
-          report_train(writer, done, total, jax.device_get(metrics),
-                       epoch=done / program.steps_per_epoch, images_per_second=rate,
-                       eta_seconds=(total - done) * config.batch_size / rate,
-                       nonfinite_steps=reported)
+          writer.train_step(done, total, jax.device_get(metrics),
+                            epoch=done / program.steps_per_epoch, images_per_second=rate,
+                            eta_seconds=(total - done) * config.batch_size / rate,
+                            nonfinite_steps=reported)
           tick, tick_step = now, done
         if eval_now:
           last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
           last_eval['step'] = done
-          report_eval(last_eval, config, run_dir.path, writer)
+          writer.evaluation(last_eval, split=config.data.eval_split, depth=config.model.depth)
         if save_now:
           save_checkpoint(manager, state, config, program.steps_per_epoch,
                           last_eval if eval_now else None)
@@ -478,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info('nothing to train: the workdir is already at step %d', start)
         last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
         last_eval['step'] = start
-        report_eval(last_eval, config, run_dir.path, writer)
+        writer.evaluation(last_eval, split=config.data.eval_split, depth=config.model.depth)
     finally:
       # Wait for the last save while SIGTERM is still only a flag: a kill now would waste it.
       manager.close()

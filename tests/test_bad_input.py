@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from avit_jax import (checkpoints, data_sources, inference, input_pipeline, main,
-                      models, train)
+                      models, train, validation)
 from avit_jax.workdir import Workdir, WorkdirError
 from configs import fashion_mnist
 from tests.test_input_pipeline import _config as data_config
@@ -122,11 +122,11 @@ def test_wrong_types_in_a_config_built_from_a_dict():
       node = node[p]
     node[leaf] = value
     with pytest.raises(ValueError) as e:
-      train.validate_config(ml_collections.ConfigDict(raw), device_count=1)
+      validation.validate_config(ml_collections.ConfigDict(raw), device_count=1)
     assert str(e.value) == message
   config = fashion_mnist.get_config()
   config.model.gate_scale = 10  # an int where a float is expected is fine
-  train.validate_config(config, device_count=1)
+  validation.validate_config(config, device_count=1)
 
 
 # Runs `python -m avit_jax.main` on a machine without network: name lookups fail and no

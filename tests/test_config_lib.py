@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from avit_jax import config_lib, train
+from avit_jax import config_lib, validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -48,7 +48,7 @@ def test_config_files_import_only_config_lib(path):
 def test_every_config_validates(name):
   module = __import__(f'configs.{name}', fromlist=['get_config'])
   config = module.get_config()
-  train.validate_config(config, device_count=1)
+  validation.validate_config(config, device_count=1)
   assert config.mode in config_lib.RUN_MODES
 
 

@@ -1,0 +1,50 @@
+"""Start-up check of a whole config, before anything compiles.
+
+Each section is checked once, by the module that uses it; `validate_config` calls them in
+this order (it decides which of several mistakes is named first): every field's type
+(config_lib), the run mode and lengths (here: what the training loop reads), the data
+source (data_sources), the model (models), the losses (losses) and the optimizer (optim).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from avit_jax import config_lib, data_sources, losses, models, optim
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+  """Fails fast, before anything compiles, on impossible values; names field, value, fix.
+
+  device_count: what batch sizes must divide (default: jax.device_count()).
+  """
+  config_lib.check_types(config)
+  if config.mode not in config_lib.RUN_MODES:
+    raise config_lib.invalid('mode', config.mode, f'expected one of {config_lib.RUN_MODES}')
+  data_sources.check_config(config.data)
+  _check_run_lengths(config, jax.device_count() if device_count is None else device_count)
+  models.check_config(config.model)
+  if config.model.halting:
+    losses.check_prior_target(config.model.depth, config.loss.prior_target_depth)
+  optim.check_config(config.optimizer)
+
+
+def _check_run_lengths(config: ml_collections.ConfigDict, devices: int) -> None:
+  """The top-level fields of a run: batch sizes, intervals and duration (train.py's loop)."""
+  for field in ('batch_size', 'eval_batch_size'):
+    value = config[field]
+    if not isinstance(value, int) or value <= 0:
+      raise config_lib.invalid(field, value, 'expected a positive integer')
+    if value % devices:
+      raise config_lib.invalid(field, value, f'must be divisible by the number of devices '
+                                             f'({devices}); use a multiple of {devices}')
+  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if config[field] <= 0:
+      raise config_lib.invalid(field, config[field], 'expected a positive integer')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise config_lib.invalid('num_epochs', config.num_epochs,
+                             'expected > 0 (or num_train_steps > 0)')
+  if config.eval_every_steps < 0:
+    raise config_lib.invalid('eval_every_steps', config.eval_every_steps,
+                             'expected >= 0 (0: once per epoch)')
