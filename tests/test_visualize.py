@@ -274,3 +274,20 @@ def test_deit_without_halting_draws_full_depth(tmp_path):
   np.testing.assert_array_equal(saved['token_depth'], np.full((2, 50), 4.0))
   np.testing.assert_array_equal(saved['active_fraction'], np.ones((2, 4)))
   assert 'labels' not in saved
+
+
+def test_training_figures_come_from_the_newest_checkpoint(tmp_path, fashion_mnist_dir):
+  """What `python -m avit_jax.main` writes after training: WORKDIR/figures for the first
+  eval images, drawn by the newest step's model."""
+  config, model, _ = _model_and_images()
+  config.data.data_dir = fashion_mnist_dir
+  config.eval_batch_size = 8
+  _save_checkpoint(str(tmp_path), models.create(config.model, seed=9), config, 2)
+  _save_checkpoint(str(tmp_path), model, config, 5)
+  files = visualize.write_training_figures(config, str(tmp_path), count=4)
+  assert len(files) == 4 + 6 + 1  # maps, grid + 5 plots, depths.npz
+  assert all(f.startswith(str(tmp_path / 'figures')) for f in files)
+  saved = np.load(tmp_path / 'figures' / 'depths.npz')
+  np.testing.assert_array_equal(saved['labels'], [9, 2, 1, 1])  # the first test images
+  images, _ = visualize.eval_split_images(config, 4)
+  np.testing.assert_array_equal(saved['token_depth'], np.asarray(model(images).token_depth))
