@@ -1,4 +1,4 @@
-"""A-ViT-S: fine-tune DeiT-S on ImageNet-1K for 100 epochs (published recipe, AVIT.md)."""
+"""A-ViT-S: fine-tune DeiT-S on ImageNet-1K for 100 epochs (published recipe: docs/algorithm.md)."""
 
 from avit_jax import config_lib
 

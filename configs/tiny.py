@@ -1,4 +1,4 @@
-"""A-ViT-T: fine-tune DeiT-T on ImageNet-1K for 100 epochs (published recipe, AVIT.md)."""
+"""A-ViT-T: fine-tune DeiT-T on ImageNet-1K for 100 epochs (published recipe: docs/algorithm.md)."""
 
 from avit_jax import config_lib
 
