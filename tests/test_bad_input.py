@@ -349,6 +349,10 @@ def test_fashion_mnist_truncated_file_wrong_split_and_labels(tmp_path, fashion_m
 
 # -- model inputs -------------------------------------------------------------------------
 
+# The ways of running a model that must all refuse bad images (named here, not taken from
+# inference, so that a new mode is added here on purpose).
+PREDICT_MODES = ('dense', 'masked', 'compact', 'capacity')
+
 
 @pytest.fixture(scope='module')
 def model():
@@ -356,9 +360,9 @@ def model():
   return models.create(config, seed=0)
 
 
-@pytest.mark.parametrize('mode', inference.MODES)
+@pytest.mark.parametrize('mode', PREDICT_MODES)
 def test_predict_rejects_wrong_shape_and_dtype(model, mode):
-  budget = {'capacity': (model.num_patches + 1,) * model.depth}.get(mode)
+  budget = {'capacity': (models.num_tokens(tiny_config().model),) * model.depth}.get(mode)
   predict = inference.make_predict_fn(model, mode, capacity=budget)
   for bad in (jnp.zeros((28, 28, 3)), jnp.zeros((2, 28, 28, 1)), jnp.zeros((2, 32, 32, 3))):
     with pytest.raises(ValueError, match=r'expected images of shape \[B, 28, 28, 3\]'):
@@ -376,9 +380,9 @@ def test_nan_and_inf_images_give_nan_logits_for_that_image_only(model):
   bad = clean.copy()
   bad[1] = np.nan
   bad[2, 3, 4, 0] = np.inf
-  for mode in inference.MODES:
+  for mode in PREDICT_MODES:
     # capacity: every token has a slot at every layer (no token is cut).
-    budget = {'capacity': (model.num_patches + 1,) * model.depth}.get(mode)
+    budget = {'capacity': (models.num_tokens(tiny_config().model),) * model.depth}.get(mode)
     predict = inference.make_predict_fn(model, mode, capacity=budget)
     ref, out = predict(jnp.asarray(clean)), predict(jnp.asarray(bad))
     logits, depth = np.asarray(out.logits), np.asarray(out.token_depth)
