@@ -1,9 +1,10 @@
 """Multiply-adds per image of DeiT / A-ViT from the tokens active in each layer.
 
-Convention behind DeiT-T's "1.3 GFLOPs" (../shared/AVIT.md "FLOPs per image"): patch
-embedding, then per layer qkv, proj, fc1, fc2 for each active token plus attention
-(QK^T and AV) among the active tokens, then the head. LayerNorm, softmax, GELU and
-additions are not counted. No timing here.
+Convention behind DeiT-T's "1.3 GFLOPs" (docs/algorithm.md "FLOPs"): patch embedding, then
+per layer qkv, proj, fc1, fc2 for each active token plus attention (QK^T and AV) among the
+active tokens, then the head. LayerNorm, softmax, GELU and additions are not counted. The
+`gflops_*` names (also of eval.json's fields) count these multiply-accumulates, the
+convention of the published numbers. No timing here.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from avit_jax import models
+
 
 def _geometry(model_config: ml_collections.ConfigDict):
   c = model_config
-  patches = (c.image_size // c.patch) ** 2
+  tokens = models.num_tokens(c)
   hidden = int(c.dim * c.mlp_ratio)
-  embed = patches * c.patch * c.patch * c.in_chans * c.dim
+  embed = (tokens - 1) * c.patch * c.patch * c.in_chans * c.dim
   per_token = 4 * c.dim * c.dim + 2 * c.dim * hidden  # qkv (3 D^2) + proj (D^2) + fc1 + fc2
-  return patches + 1, embed, per_token, c.dim * c.num_classes
+  return tokens, embed, per_token, c.dim * c.num_classes
 
 
 def layer_macs(active_tokens, model_config: ml_collections.ConfigDict):

@@ -360,7 +360,7 @@ def model():
   return models.create(config, seed=0)
 
 
-@pytest.mark.parametrize('mode', PREDICT_MODES)
+@pytest.mark.parametrize('mode', PREDICT_MODES + ('auto',))
 def test_predict_rejects_wrong_shape_and_dtype(model, mode):
   budget = {'capacity': (models.num_tokens(tiny_config().model),) * model.depth}.get(mode)
   predict = inference.make_predict_fn(model, mode, capacity=budget)

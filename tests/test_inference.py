@@ -1,4 +1,5 @@
-"""Inference modes: compact (real token removal) gives the masked model's answers; compiles bounded."""
+"""Inference modes: compact (real token removal) gives the masked model's answers, as one device
+program per batch shape; capacity (token budgets) equals masked where it cuts nothing."""
 
 import jax
 import jax.numpy as jnp
@@ -38,17 +39,18 @@ def assert_same_answers(reference, out):
   np.testing.assert_allclose(out.ponder, reference.ponder, atol=1e-5, rtol=0)
 
 
-# Groups of 4 images: batch 8 has two, re-sorted by running tokens after every layer; batch
-# 6 has a group padded with empty images.
-@pytest.mark.parametrize('seed,batch', [
-    (0, 1), (2, 8), (5, 6),
-    pytest.param(1, 3, marks=pytest.mark.slow), pytest.param(3, 8, marks=pytest.mark.slow)])
-def test_compact_matches_masked(seed, batch):
+# Batch 1 runs the sequence layout; 3 (sequence_batch 4) too, with images of different
+# lengths; 6 and 8 the packed layout in groups of 4 (6: a group padded with empty images; 8:
+# two groups, re-sorted by running tokens after every layer); 8 in groups of 2 with fine buckets.
+@pytest.mark.parametrize('seed,batch,options', [
+    (0, 1, {}), (2, 8, dict(group=4, row_buckets=4)), (5, 6, dict(group=4)),
+    pytest.param(1, 3, dict(sequence_batch=4), marks=pytest.mark.slow),
+    pytest.param(3, 8, dict(group=2, length_buckets=40), marks=pytest.mark.slow)])
+def test_compact_matches_masked(seed, batch, options):
   model = varied_model(seed)
   x = images(batch, seed)
   masked = inference.make_predict_fn(model, 'masked', chunk_size=4)(x)
-  compact = inference.make_predict_fn(model, 'compact', chunk_size=4, token_buckets=4,
-                                      query_buckets=2)(x)
+  compact = inference.make_predict_fn(model, 'compact', chunk_size=4, **options)(x)
   # The halting really varies: several depths, and tokens of one image halt at different layers.
   depths = np.asarray(masked.token_depth)
   assert len(np.unique(depths)) >= 3
@@ -108,32 +110,50 @@ def test_chunking_does_not_change_answers():
   np.testing.assert_allclose(dense_chunked.logits, dense_whole.logits, atol=1e-5)
 
 
-def test_compiles_bounded_and_not_again_for_same_shape():
+@pytest.mark.parametrize('batch', [1, 5])
+def test_compact_is_one_program_per_batch_shape_without_host_reads(batch):
+  """The whole forward traces under one jax.jit (a read-back of a device value to the host
+  cannot be traced), compiles once per batch shape whatever the halting, and takes new
+  parameters without compiling again."""
   model = varied_model(6, image_size=16)
-  token_buckets, query_buckets = 4, 2
-  predict = inference.make_predict_fn(model, 'compact', chunk_size=0,
-                                      token_buckets=token_buckets, query_buckets=query_buckets)
-  for seed in range(4):
-    predict(jax.random.normal(jax.random.key(seed), (5, 16, 16, 3)))
-  assert 1 <= predict.compiled_count() <= token_buckets * query_buckets
-  # Same shape (and, for compact, same halting): nothing new compiles, in any mode.
+  predict = inference.make_predict_fn(model, 'compact', chunk_size=0)
+  x = jax.random.normal(jax.random.key(0), (batch, 16, 16, 3))
+  outer = jax.jit(lambda images: predict(images))
+  jaxpr = jax.make_jaxpr(lambda images: predict(images))(x)
+  callbacks = [e for e in _equations(jaxpr.jaxpr) if 'callback' in e.primitive.name]
+  assert not callbacks
+  assert_same_answers(inference.make_predict_fn(model, 'masked')(x), outer(x))
+  for seed in range(3):  # different halting, same shape
+    predict(jax.random.normal(jax.random.key(seed), (batch, 16, 16, 3)) * (seed + 1))
+  assert predict.compiled_count() == 1
+  other = varied_model(7, image_size=16)
+  predict.set_params(other)
+  assert_same_answers(inference.make_predict_fn(other, 'masked')(x), predict(x))
+  assert predict.compiled_count() == 1
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (loops, conditionals, calls) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, 'jaxpr', None)
+        if inner is not None:
+          yield from _equations(getattr(inner, 'jaxpr', inner))
+
+
+def test_static_modes_compile_once_and_take_new_parameters():
+  model = varied_model(6, image_size=16)
   x = jax.random.normal(jax.random.key(0), (5, 16, 16, 3))
   masked = inference.make_predict_fn(model, 'masked')
   dense = inference.make_predict_fn(model, 'dense')
-  masked(x), dense(x)
-  counts = (predict.compiled_count(), masked.compiled_count(), dense.compiled_count())
-  predict(x)
-  masked(x + 1.0)
-  dense(x + 1.0)
-  assert (predict.compiled_count(), masked.compiled_count(), dense.compiled_count()) == counts
-  assert counts[1:] == (1, 1)
-  # New parameters, no new programs, new answers.
+  masked(x), dense(x), masked(x + 1.0), dense(x + 1.0)
+  assert (masked.compiled_count(), dense.compiled_count()) == (1, 1)
   other = varied_model(7, image_size=16)
   masked.set_params(other)
-  predict.set_params(other)
   expected = inference.make_predict_fn(other, 'masked')(x)
   np.testing.assert_allclose(masked(x).logits, expected.logits, atol=1e-6)
-  assert_same_answers(expected, predict(x))
   assert masked.compiled_count() == 1
 
 
@@ -141,6 +161,8 @@ def test_bad_arguments():
   model = varied_model(0)
   with pytest.raises(ValueError, match='mode must be one of'):
     inference.make_predict_fn(model, 'sparse')
+  with pytest.raises(ValueError, match=r"options \['group'\] are for mode 'compact', not 'masked'"):
+    inference.make_predict_fn(model, 'masked', group=4)
   deit = models.create(small_config(halting=False), seed=0)
   with pytest.raises(ValueError, match='halting on'):
     inference.make_predict_fn(deit, 'compact')
@@ -148,31 +170,27 @@ def test_bad_arguments():
     inference.make_predict_fn(model, 'compact')(jnp.zeros((2, 28, 28, 3)))
 
 
-def test_profile_counts_the_work_of_the_masked_model():
-  """profile() reports the rows and attention the masked model's halting needs, and what
-  compact computed: images sorted by running tokens, groups of 4, rounded to the buckets."""
+def test_work_counts_what_the_program_computes():
+  """work() reports the rows and attention the masked model's halting needs, and what
+  compact computes for it: images sorted by running tokens, groups of 4, rounded to the
+  buckets."""
   model = varied_model(2)
   x = images(8, 2)
   masked = inference.make_predict_fn(model, 'masked')(x)
-  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, token_buckets=4,
-                                      query_buckets=2)
-  stats = predict.profile(x)
+  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, group=4, row_buckets=4,
+                                      length_buckets=4)
+  work = predict.work(masked.token_depth)
   active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))  # [B, L]
-  assert stats['rows_running'] == active.sum() == np.asarray(masked.token_depth).sum()
-  assert stats['attention_running'] == (active ** 2).sum()
-  # By hand: 65 tokens; row windows in multiples of 72 (4 * 65 / 4 -> 8s), attention
-  # lengths in multiples of 40 (65 / 2 -> 8s), both capped at the full size.
-  windows, attention, calls = 0, 0, 0
+  assert sum(work['rows_running']) == active.sum() == np.asarray(masked.token_depth).sum()
+  assert sum(work['attention_running']) == (active ** 2).sum()
+  # By hand: 65 tokens; MLP rows in multiples of 136 (8 * 65 / 4 -> multiple of 8), attention
+  # lengths in multiples of 24 (65 / 4 -> multiple of 8), both capped at the full size.
   for layer in range(DEPTH):
     counts = np.sort(active[:, layer])[::-1]
-    for group in counts.reshape(2, 4):
-      if group[0]:
-        calls += 1
-        windows += min(4 * 65, -(-group.sum() // 72) * 72)
-        attention += 4 * min(65, -(-group[0] // 40) * 40) ** 2
-  assert (stats['block_calls'], stats['rows_computed'], stats['attention_computed']) == (
-      calls, windows, attention)
-  assert all(s > 0 for s in stats['seconds'].values())
+    assert work['rows_computed'][layer] == min(8 * 65, -(-counts.sum() // 136) * 136)
+    lengths = [min(65, -(-int(g[0]) // 24) * 24) for g in counts.reshape(2, 4) if g[0]]
+    assert work['attention_computed'][layer] == sum(4 * n ** 2 for n in lengths)
+    assert work['attention_rows_computed'][layer] == sum(4 * n for n in lengths)
   assert_same_answers(masked, predict(x))
 
 
@@ -190,6 +208,7 @@ def test_capacity_with_calibrated_budget_matches_masked(seed, batch, chunk):
   predict = inference.make_predict_fn(model, 'capacity', capacity=budget, chunk_size=chunk)
   out = predict(x)
   assert_same_answers(masked, out)
+  np.testing.assert_array_equal(out.tokens_cut, 0)  # never cuts on its calibration images
   ran = np.arange(DEPTH)[None, :, None] < np.asarray(masked.token_depth)[:, None, :]
   np.testing.assert_allclose(out.halting_scores,
                              np.where(ran, masked.halting_scores, 0.0), atol=1e-5)
@@ -211,6 +230,7 @@ def test_capacity_cuts_tokens_over_budget():
   assert (active <= np.asarray(tight)[None, :]).all()
   cut = depth < np.asarray(masked.token_depth)
   assert cut.any()
+  np.testing.assert_array_equal(out.tokens_cut, cut.sum(axis=1))  # it says what it cut
   assert np.isfinite(np.asarray(out.logits)).all()
   # A cut token halts as if at the threshold: ponder = depth + remainder, in (depth, depth + 1].
   ponder = np.asarray(out.ponder)

@@ -1,4 +1,4 @@
-"""DeiT backbone and A-ViT halting: shapes, invariants of AVIT.md "Halting", compile counts."""
+"""DeiT backbone and A-ViT halting: shapes, invariants of docs/algorithm.md "Halting", compile counts."""
 
 import chex
 import jax
@@ -127,16 +127,15 @@ class ModelTest(chex.TestCase):
     # Same loop as AViT.run_halting but halted tokens get garbage instead of zeros.
     def noisy_forward():
       tokens = model.embed(x)
-      state = halting_lib.init_state(*tokens.shape)
+      state = halting_lib.init_state(tokens.shape[:2])
+      output = jnp.zeros(tokens.shape)
       for layer, block in enumerate(model.blocks):
         garbage = 1e3 * jax.random.normal(jax.random.key(layer), tokens.shape)
         tokens = jnp.where(state.mask[..., None] > 0, tokens, garbage)
         tokens = block(tokens, mask=state.mask)
-        h = halting_lib.halting_score(tokens, model.gate_scale, model.gate_center)
-        if layer == model.depth - 1:
-          h = jnp.ones_like(h)
-        state = halting_lib.update(state, tokens, h, model.eps)
-      return model.forward_head(model.norm(state.output)), state.depth
+        state, weight, _ = model.halting_step(state, tokens, layer)
+        output = halting_lib.accumulate(output, tokens, weight)
+      return model.forward_head(model.norm(output)), state.depth
 
     logits, depth = noisy_forward()
     np.testing.assert_array_equal(np.asarray(depth), np.asarray(reference.token_depth))
@@ -153,9 +152,10 @@ class ModelTest(chex.TestCase):
   def test_invalid_model_config_fails_before_building(self):
     with self.assertRaisesRegex(ValueError, 'model.patch=5 must divide model.image_size=16'):
       models.create(small_config(patch=5))
-    with self.assertRaisesRegex(ValueError, 'gate_scale must be > 0'):
+    with self.assertRaisesRegex(ValueError, r'config.model.gate_scale=0.0 is invalid: expected > 0'):
       models.create(small_config(gate_scale=0.0))
-    with self.assertRaisesRegex(ValueError, r'eps must be in \(0, 1\)'):
+    with self.assertRaisesRegex(ValueError, r'config.model.eps=1.5 is invalid: expected a value in '
+                                r'\(0, 1\)'):
       models.create(small_config(eps=1.5))
 
   def test_timm_parameter_names_and_shapes(self):
@@ -196,13 +196,15 @@ class HaltingUpdateTest(chex.TestCase):
   def test_accumulation_weights_sum_to_one(self):
     layers, batch, tokens = 6, 4, 10
     scores = jax.random.uniform(jax.random.key(0), (layers, batch, tokens), maxval=0.6)
-    state = halting_lib.init_state(batch, tokens, layers)
+    state = halting_lib.init_state((batch, tokens))
+    output = jnp.zeros((batch, tokens, layers))
     for layer in range(layers):
       # y = one-hot of the layer, so output[..., l] is the weight layer l got.
       y = jnp.broadcast_to(jax.nn.one_hot(layer, layers), (batch, tokens, layers))
       h = jnp.ones((batch, tokens)) if layer == layers - 1 else scores[layer]
-      state = halting_lib.update(state, y, h, eps=0.01)
-    weights = np.asarray(state.output)
+      state, weight = halting_lib.update(state, h, eps=0.01)
+      output = halting_lib.accumulate(output, y, weight)
+    weights = np.asarray(output)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
     self.assertTrue((np.asarray(state.mask) == 0).all())
     # A token's weights are its scores before halting, then the remainder.
@@ -214,11 +216,13 @@ class HaltingUpdateTest(chex.TestCase):
   def test_hand_worked_token(self):
     # One token: scores 0.3, 0.5, 0.4 (eps 0.01) -> c = 0.3, 0.8, 1.2: halts at layer 3,
     # weights 0.3, 0.5, R = 0.2; rho = 3 + 0.2; depth 3.
-    state = halting_lib.init_state(1, 1, 1)
+    state = halting_lib.init_state((1, 1))
+    output = jnp.zeros((1, 1, 1))
     for layer, h in enumerate((0.3, 0.5, 0.4, 0.9)):
       y = jnp.full((1, 1, 1), float(10 ** layer))
-      state = halting_lib.update(state, y, jnp.full((1, 1), h), eps=0.01)
-    np.testing.assert_allclose(state.output[0, 0, 0], 0.3 * 1 + 0.5 * 10 + 0.2 * 100, rtol=1e-6)
+      state, weight = halting_lib.update(state, jnp.full((1, 1), h), eps=0.01)
+      output = halting_lib.accumulate(output, y, weight)
+    np.testing.assert_allclose(output[0, 0, 0], 0.3 * 1 + 0.5 * 10 + 0.2 * 100, rtol=1e-6)
     np.testing.assert_allclose(state.ponder[0, 0], 3.2, rtol=1e-6)
     self.assertEqual(float(state.depth[0, 0]), 3.0)
     self.assertEqual(float(state.mask[0, 0]), 0.0)

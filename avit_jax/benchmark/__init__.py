@@ -1,29 +1,26 @@
-"""Throughput of dense DeiT vs the A-ViT inference modes, with FLOPs and a PyTorch peer row.
+"""Throughput and latency of dense DeiT against the A-ViT inference modes, with FLOPs.
 
   python -m avit_jax.benchmark [--json FILE] [--markdown FILE] [--checkpoint DIR]
-      [--batch-sizes 1,8,64] [--quick]
+      [--batch-sizes 1,8,64] [--latency-images 32] [--quick]
 
-For DeiT-T / DeiT-S geometry (224, 197 tokens) the A-ViT halting comes from
-`halting_profiles` (random weights calibrated to the published compute fraction); with
---checkpoint, a trained model (e.g. the Fashion-MNIST default) runs on its test images.
-Columns: images/s, ms/batch, GFLOPs/image (multiply-adds, AVIT.md convention: executed by
-dense, used by A-ViT), speed-up over our dense, ideal speed-up (dense FLOPs / A-ViT FLOPs)
-and efficiency = speed-up / ideal. Modes are timed round-robin in one process (median of
-`--reps`), so ratios are side by side even on a busy machine. Also times one training
-step (value_and_grad of the loss) of masked A-ViT against dense DeiT. No train import.
-Where compact's time goes: after each table, a profiled compact run (synchronised after every
-call) splits its time into embedding, blocks, repack and head, and sets the blocks against
-dense's time scaled by the block FLOPs compact needs (block efficiency), with the rows and
-attention computed over those needed (bucket rounding, attention padding).
+For DeiT-T / DeiT-S geometry (224, 197 tokens) the A-ViT halting comes from `profiles`
+(random weights calibrated to the published compute fraction); with --checkpoint, a trained
+Fashion-MNIST model runs on its test images. Per mode and batch size: images/s, ms/batch,
+GFLOPs/image (multiply-accumulates, docs/algorithm.md: executed by dense, used by A-ViT),
+speed-up over our dense, ideal speed-up (dense FLOPs / A-ViT FLOPs), efficiency = speed-up /
+ideal, the first batch's compile time (first call less a timed call) and the host reads per
+forward (0: the forward is one jax program). Modes are timed round-robin in one process
+(median of `--reps`), so ratios are side by side even on a busy machine. Then each mode's
+batch-1 latency (median and 90th percentile over `--latency-images` images, one at a time),
+compact's work against what the halting needs (row bucket rounding, attention padding), and
+one training step (value_and_grad of the loss) of masked A-ViT against dense DeiT.
 
-Modules: rows (one model's rows, compact's time split, capacity's check), timing (round-robin
-timer, PyTorch peer, training step), fashion_mnist (the trained default model's images,
-checkpoint and capacity accuracy), tables (text and Markdown), cli (the command line).
+Modules: measure (timers), report (tables), profiles (halting at ImageNet geometry), cli
+(what is measured for each model, and the command line). No train import.
 """
 
-from avit_jax.benchmark.rows import MODES, bench_model, capacity_check, compact_time_split
-from avit_jax.benchmark.tables import format_markdown, format_table, format_time_split, machine
-from avit_jax.benchmark.cli import main  # after rows and tables, which it imports
+from avit_jax.benchmark.cli import MODES, bench_model, capacity_check, main
+from avit_jax.benchmark.report import format_latency, format_markdown, format_table, machine
 
-__all__ = ['MODES', 'bench_model', 'capacity_check', 'compact_time_split', 'format_markdown',
-           'format_table', 'format_time_split', 'machine', 'main']
+__all__ = ['MODES', 'bench_model', 'capacity_check', 'format_latency', 'format_markdown',
+           'format_table', 'machine', 'main']

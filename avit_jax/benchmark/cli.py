@@ -1,4 +1,5 @@
-"""python -m avit_jax.benchmark: see the package doc."""
+"""python -m avit_jax.benchmark: every mode of one model at every batch size (see the package
+doc), the batch-1 latencies, and for a trained checkpoint what capacity's budget costs."""
 
 from __future__ import annotations
 
@@ -6,30 +7,157 @@ import argparse
 import json
 
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-from avit_jax import config_lib, halting_profiles, inference
-from avit_jax.benchmark import fashion_mnist
-from avit_jax.benchmark.rows import bench_model
-from avit_jax.benchmark.tables import format_markdown, format_table, machine
-from avit_jax.benchmark.timing import torch_peer_seconds, train_step_times
+from avit_jax import config_lib, flops, inference
+from avit_jax.benchmark import measure, profiles, report
+
+MODES = ('dense', 'masked', 'compact', 'capacity')
+
+
+def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes, reps: int, *,
+                capacity=None, torch_seconds=None, latency_images: int = 0,
+                log=print) -> tuple[list[dict], list[dict]]:
+  """Rows of the throughput table for one model (every mode, and the torch peer, at every
+  batch size; 'capacity' when per-layer budgets are given) and of its latency table."""
+  modes = [m for m in MODES if m != 'capacity' or capacity is not None]
+  predictors = {mode: inference.make_predict_fn(model, mode, capacity=capacity)
+                if mode == 'capacity' else inference.make_predict_fn(model, mode)
+                for mode in modes}
+  dense_gflops = flops.dense_gflops(model_config)
+  rows = []
+  for b in batch_sizes:
+    x = jnp.asarray(images[:b])
+    first = {mode: measure.first_call_seconds(p, x) for mode, p in predictors.items()}
+    masked = predictors['masked'](x)
+    used = float(np.mean(np.asarray(flops.gflops_per_image(masked.token_depth, model_config))))
+    cpu = {}
+    seconds = measure.time_round_robin({mode: (lambda p=p: p(x)) for mode, p in
+                                        predictors.items()}, reps, cpu)
+    if torch_seconds:
+      seconds['pytorch'], cpu['pytorch'] = torch_seconds[b]
+    dense_compile = first['dense'] - seconds['dense']
+    for mode, s in seconds.items():
+      exact = mode not in ('dense', 'pytorch')
+      row = dict(model=name, mode=mode, batch=b, images_per_s=b / s, ms_per_batch=1e3 * s,
+                 cpu_ms_per_batch=1e3 * cpu[mode], speed_up=seconds['dense'] / s,
+                 gflops_per_image=used if exact else dense_gflops,
+                 ideal_speed_up=dense_gflops / used if exact else 1.0)
+      row['efficiency'] = row['speed_up'] / row['ideal_speed_up']
+      if mode in predictors:
+        row['compile_s'] = first[mode] - s
+        row['compile_vs_dense'] = row['compile_s'] / dense_compile
+        row['host_reads'] = measure.host_reads_per_forward(predictors[mode], x)
+        out = predictors[mode](x)
+        row['max_logit_diff'] = float(jnp.abs(out.logits - masked.logits).max())
+        row['depth_mismatches'] = int((out.token_depth != masked.token_depth).sum())
+      if mode == 'capacity':
+        row.update(capacity_check(out.logits, out.token_depth, masked.logits,
+                                  masked.token_depth, capacity, model_config))
+      if mode == 'compact':
+        row['work'] = compact_work(predictors['compact'], masked.token_depth)
+      rows.append(row)
+    log(report.format_table([r for r in rows if r['batch'] == b]))
+    log(report.format_work([r for r in rows if r['batch'] == b]))
+  latency = []
+  if latency_images:
+    lat = measure.latency(predictors, images[:latency_images], max(1, reps // 2))
+    depth = np.asarray(predictors['masked'](jnp.asarray(images[:latency_images])).token_depth)
+    median_gflops = float(np.median(np.asarray(flops.gflops_per_image(depth, model_config))))
+    for mode, r in lat.items():
+      latency.append(dict(model=name, mode=mode, images=latency_images, **r,
+                          speed_up=lat['dense']['median_ms'] / r['median_ms'],
+                          ideal_speed_up=1.0 if mode == 'dense' else dense_gflops / median_gflops))
+    log(report.format_latency(latency))
+  return rows, latency
+
+
+def compact_work(predictor, token_depth) -> dict:
+  """Compact's computed work over what the halting needs, summed over layers."""
+  work = predictor.work(token_depth)
+  total = lambda key: float(sum(work[key]))  # noqa: E731
+  return dict(layout=predictor.plan(np.asarray(token_depth).shape[0]).layout,
+              rows_rounding=total('rows_computed') / total('rows_running'),
+              attention_rows_padding=total('attention_rows_computed') / total('rows_running'),
+              attention_padding=total('attention_computed') / total('attention_running'),
+              per_layer={k: [int(v) for v in vs] for k, vs in work.items()})
+
+
+def capacity_check(logits, token_depth, masked_logits, masked_depth, capacity,
+                   model_config) -> dict:
+  """What the token budget did to a batch: tokens cut (ran fewer layers than in the masked
+  model), top-1 agreement and max logit difference with masked, and the GFLOPs per image the
+  budget executes (every slot of every layer)."""
+  budget_gflops = (flops.embed_head_gflops(model_config)
+                   + sum(flops.layer_macs(k, model_config) for k in capacity) / 1e9)
+  return dict(capacity=list(capacity), budget_gflops_per_image=float(budget_gflops),
+              tokens_cut=int((np.asarray(token_depth) < np.asarray(masked_depth)).sum()),
+              top1_agreement=float((np.asarray(logits).argmax(-1)
+                                    == np.asarray(masked_logits).argmax(-1)).mean()),
+              max_logit_diff=float(np.abs(np.asarray(logits) - np.asarray(masked_logits)).max()))
+
+
+def fashion_mnist_images(data: dict, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` Fashion-MNIST images [B, 28, 28, 3] of `split` ('train', 'test'),
+  normalised as the checkpoint's metadata['data'] says, and their labels."""
+  from avit_jax import data_sources  # pylint: disable=import-outside-toplevel  (tensorflow)
+  table = data_sources.fashion_mnist(data['data_dir'], split)
+  raw, labels = table.images[:count], table.labels[:count]
+  x = raw.astype(np.float32)[..., None].repeat(3, axis=-1) / 255.0
+  x = (x - np.asarray(data['mean'], np.float32)) / np.asarray(data['std'], np.float32)
+  return x, np.asarray(labels, np.int32)
+
+
+def capacity_accuracy(model, model_config, data: dict, quantiles=(1.0, 0.99, 0.9, 0.5),
+                      calibration_images: int = 2048, batch: int = 500) -> list[dict]:
+  """Accuracy effect of 'capacity' on the Fashion-MNIST test set: budgets calibrated on the
+  first training images at each quantile; top-1 against masked, tokens cut, and the GFLOPs
+  per image the budget executes against those masked uses."""
+  images, labels = fashion_mnist_images(data, 'test', 10_000)
+  calibration = jnp.asarray(fashion_mnist_images(data, 'train', calibration_images)[0])
+
+  def run(predict):
+    outs = [predict(jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
+    return (np.concatenate([np.asarray(o.logits) for o in outs]),
+            np.concatenate([np.asarray(o.token_depth) for o in outs]))
+
+  logits, depth = run(inference.make_predict_fn(model, 'masked'))
+  used = float(np.mean(np.asarray(flops.gflops_per_image(depth, model_config))))
+  rows = [dict(mode='masked', top1=float((logits.argmax(-1) == labels).mean()),
+               gflops_per_image=used, tokens_cut_fraction=0.0)]
+  for q in quantiles:
+    budget = inference.calibrate_capacity(model, calibration, quantile=q)
+    c_logits, c_depth = run(inference.make_predict_fn(model, 'capacity', capacity=budget))
+    check = capacity_check(c_logits, c_depth, logits, depth, budget, model_config)
+    rows.append(dict(mode=f'capacity q={q}', capacity=list(budget),
+                     top1=float((c_logits.argmax(-1) == labels).mean()),
+                     gflops_per_image=check['budget_gflops_per_image'],
+                     tokens_cut_fraction=check['tokens_cut'] / depth.size,
+                     top1_agreement=check['top1_agreement']))
+  return rows
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(
       prog='python -m avit_jax.benchmark',
-      description='Throughput of dense DeiT vs the A-ViT inference modes (see avit_jax.benchmark)')
+      description='Throughput and latency of dense DeiT vs the A-ViT inference modes')
   parser.add_argument('--json', default='', help='write the results to this JSON file')
   parser.add_argument('--markdown', default='', help='write the tables as Markdown to this file')
-  parser.add_argument('--checkpoint', default='', help='trained A-ViT checkpoint (e.g. the '
-                      'Fashion-MNIST default) timed on its test images')
+  parser.add_argument('--checkpoint', default='', help='trained Fashion-MNIST A-ViT checkpoint '
+                      '(or its workdir) timed on its test images')
+  parser.add_argument('--data-dir', default='/usr/share/datasets/fashion-mnist',
+                      help="the checkpoint's Fashion-MNIST IDX files")
   parser.add_argument('--batch-sizes', default='1,8,64')
   parser.add_argument('--variants', default='tiny,small', help='ImageNet geometries to time')
   parser.add_argument('--reps', type=int, default=5)
+  parser.add_argument('--latency-images', type=int, default=32,
+                      help='images timed one at a time for the batch-1 latency (0: none)')
   parser.add_argument('--train-batch', type=int, default=16)
   parser.add_argument('--no-torch', action='store_true')
   parser.add_argument('--torch-threads', type=int, default=2)
   parser.add_argument('--quick', action='store_true',
-                      help='DeiT-T geometry only, batches up to 8, 2 reps, train batch 8')
+                      help='DeiT-T geometry only, batches up to 8, 2 reps, 8 latency images')
   args = parser.parse_args(argv)
   try:
     batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b]
@@ -39,72 +167,77 @@ def main(argv=None) -> dict:
     parser.error(f'--batch-sizes must be positive integers separated by commas (e.g. 1,8,64), '
                  f'got {args.batch_sizes!r}')
   variants = [v for v in args.variants.split(',') if v]
-  reps, train_batch = args.reps, args.train_batch
+  reps, train_batch, latency_images = args.reps, args.train_batch, args.latency_images
   if args.quick:
     batch_sizes = [b for b in batch_sizes if b <= 8]
     variants = [v for v in variants if v == 'tiny']
-    reps, train_batch = 2, 8
+    reps, train_batch, latency_images = 2, 8, min(latency_images, 8)
   for v in variants:
-    if v not in halting_profiles.PUBLISHED_FRACTION:
-      parser.error(f'--variants: {v!r} is not one of {sorted(halting_profiles.PUBLISHED_FRACTION)}')
-  result = dict(machine=machine(), batch_sizes=batch_sizes, reps=reps, rows=[], profiles={},
-                train_step={})
-  print(f'# {result["machine"]}', flush=True)
-  largest = max(batch_sizes)
+    if v not in profiles.PUBLISHED_FRACTION:
+      parser.error(f'--variants: {v!r} is not one of {sorted(profiles.PUBLISHED_FRACTION)}')
+  result = dict(machine=report.machine(), batch_sizes=batch_sizes, reps=reps, rows=[],
+                latency=[], profiles={}, train_step={}, auto={})
   log = lambda s: print(s, flush=True)  # noqa: E731
+  log(f'# {result["machine"]}')
+  largest = max(batch_sizes + [latency_images])
+
+  def run(name, model, mc, images, capacity):
+    torch_seconds = None if args.no_torch else measure.torch_peer_seconds(
+        mc, batch_sizes, reps, args.torch_threads)
+    rows, latency = bench_model(name, model, mc, images, batch_sizes, reps, capacity=capacity,
+                                torch_seconds=torch_seconds, latency_images=latency_images,
+                                log=log)
+    result['rows'] += rows
+    result['latency'] += latency
+    result['auto'][name] = {b: inference.auto_mode(model, b) for b in batch_sizes}
+    log(f'# {name}: mode auto picks ' + ', '.join(
+        f'{m} at batch {b}' for b, m in result['auto'][name].items()))
+
   for variant in variants:
     mc = config_lib.model_config(variant)
     mc.drop_path_rate = 0.0
-    mc.gate_scale, mc.gate_center = halting_profiles.PUBLISHED_GATE[variant]
-    name = mc.variant
-    calibration = halting_profiles.synthetic_images(16 if args.quick else 32, mc.image_size, 1)
-    model, info = halting_profiles.build(mc, halting_profiles.PUBLISHED_FRACTION[variant],
-                                         calibration, iterations=10 if args.quick else 14)
-    result['profiles'][name] = info
+    mc.gate_scale, mc.gate_center = profiles.PUBLISHED_GATE[variant]
+    calibration = profiles.synthetic_images(16 if args.quick else 32, mc.image_size, 1)
+    model, info = profiles.build(mc, profiles.PUBLISHED_FRACTION[variant], calibration,
+                                 iterations=10 if args.quick else 14)
+    result['profiles'][mc.variant] = info
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()}
-    log(f'# {name}: halting profile {json.dumps(rounded)}')
+    log(f'# {mc.variant}: halting profile {json.dumps(rounded)}')
     capacity = inference.calibrate_capacity(model, jnp.asarray(calibration))
-    log(f'# {name}: capacity calibrated on the calibration images: {capacity}')
-    torch_seconds = None if args.no_torch else torch_peer_seconds(mc, batch_sizes, reps,
-                                                                  args.torch_threads)
-    images = halting_profiles.synthetic_images(largest, mc.image_size, 2)
-    result['rows'] += bench_model(name, model, mc, images, batch_sizes, reps, torch_seconds, log,
-                                  capacity)
-    train = train_step_times(mc, train_batch, reps)
-    result['train_step'][name] = train
-    log(f'# {name} train step (batch {train_batch}): '
+    log(f'# {mc.variant}: capacity calibrated on the calibration images: {capacity}')
+    run(mc.variant, model, mc, profiles.synthetic_images(largest, mc.image_size, 2), capacity)
+    train = measure.train_step_times(mc, train_batch, reps)
+    result['train_step'][mc.variant] = train
+    log(f'# {mc.variant} train step (batch {train_batch}): '
         + ', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in train['seconds'].items())
-        + f'; halting overhead {100 * train["halting_overhead"]:+.1f}% wall, '
-        f'{100 * train["cpu_halting_overhead"]:+.1f}% CPU time')
+        + f'; halting overhead {100 * train["halting_overhead"]:+.1f}% wall')
   if args.checkpoint:
-    model, mc, data = fashion_mnist.load_checkpoint(args.checkpoint)
+    from avit_jax import visualize  # pylint: disable=import-outside-toplevel
+    model, metadata = visualize.load_model(args.checkpoint)
+    mc = ml_collections.ConfigDict(metadata['model'])
+    data = metadata.get('data') or {}
+    if mc.image_size != 28 or data.get('source', 'fashion_mnist') != 'fashion_mnist':
+      raise ValueError(f'--checkpoint: only Fashion-MNIST models are timed on real test images, '
+                       f'got image_size {mc.image_size}, data {data.get("source")!r}')
+    data = dict(data, data_dir=args.data_dir)
     name = mc.get('variant', 'checkpoint')
-    if mc.image_size != 28:
-      raise ValueError(f'--checkpoint: only Fashion-MNIST models (image_size 28) are timed on '
-                       f'real test images, got image_size {mc.image_size}')
-    images = fashion_mnist.test_images(largest, data)
     capacity = inference.calibrate_capacity(
-        model, jnp.asarray(fashion_mnist.test_images(2048, data, 'train')))
+        model, jnp.asarray(fashion_mnist_images(data, 'train', 2048)[0]))
     log(f'# {name}: capacity calibrated on 2048 training images: {capacity}')
-    torch_seconds = None if args.no_torch else torch_peer_seconds(mc, batch_sizes, reps,
-                                                                  args.torch_threads)
-    result['rows'] += bench_model(name, model, mc, images, batch_sizes, reps, torch_seconds, log,
-                                  capacity)
-    result['capacity_accuracy'] = fashion_mnist.capacity_accuracy(model, mc, data)
+    run(name, model, mc, fashion_mnist_images(data, 'test', largest)[0], capacity)
+    result['capacity_accuracy'] = capacity_accuracy(model, mc, data)
     for r in result['capacity_accuracy']:
       log(f'# {name} test set, {r["mode"]}: top-1 {r["top1"]:.4f}, {r["gflops_per_image"]:.5f} '
           f'GFLOPs/img, tokens cut {100 * r["tokens_cut_fraction"]:.2f}%'
           + (f', budget {r["capacity"]}' if 'capacity' in r else ''))
-    train = train_step_times(mc, train_batch, reps)
-    result['train_step'][name] = train
-    log(f'# {name} train step (batch {train_batch}): halting overhead '
-        f'{100 * train["halting_overhead"]:+.1f}% wall, '
-        f'{100 * train["cpu_halting_overhead"]:+.1f}% CPU time')
-  log('\n' + format_table(result['rows']))
+  log('\n' + report.format_table(result['rows']))
+  if result['latency']:
+    log('\n' + report.format_latency(result['latency']))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(result, f, indent=1)
   if args.markdown:
     with open(args.markdown, 'w') as f:
-      f.write(format_markdown(result['rows']))
+      f.write(report.format_markdown(result))
   return result
+

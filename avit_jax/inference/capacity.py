@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avit_jax.inference.common import Results, finish, map_chunks, update_class_output
+from avit_jax.inference.common import (class_logits, map_chunks, removal_output,
+                                       update_class_output)
 from avit_jax.models import halting as halting_lib
 from avit_jax.models.avit import AViT
 
@@ -35,11 +36,11 @@ def _forward(model, capacity, images):
   b, n, d = x.shape
   depth = model.depth
   token = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-  zeros = jnp.zeros((b, n), jnp.float32)
-  state = halting_lib.HaltingState(cumulative=zeros, remainder=zeros + 1.0, mask=zeros + 1.0,
-                                   ponder=zeros, depth=zeros + 1.0, output=zeros[..., None])
-  results = Results(depth=zeros + 1.0, ponder=zeros, scores=jnp.zeros((b, depth, n)),
-                    class_output=jnp.zeros((b, d), jnp.float32))
+  state = halting_lib.init_state((b, n))
+  final_depth, final_ponder = state.depth, state.ponder
+  scores = jnp.zeros((b, depth, n), jnp.float32)
+  class_output = jnp.zeros((b, d), jnp.float32)
+  tokens_cut = jnp.zeros((b,), jnp.int32)
   image = jnp.arange(b)[:, None]
   for layer, (block, budget) in enumerate(zip(model.blocks, capacity)):
     running = state.mask > 0
@@ -48,36 +49,35 @@ def _forward(model, capacity, images):
     # Cut tokens halt where they are: depth = layers run, ponder = depth + remainder.
     cut = running & ~jnp.zeros(running.shape, bool).at[image, slots].set(True)
     cut_token = jnp.where(cut, token, n)  # n: dropped
-    results = dataclasses.replace(
-        results, depth=results.depth.at[image, cut_token].set(state.depth - 1.0, mode='drop'),
-        ponder=results.ponder.at[image, cut_token].set(state.ponder + state.remainder,
-                                                       mode='drop'))
+    tokens_cut = tokens_cut + cut.sum(axis=1, dtype=jnp.int32)
+    final_depth = final_depth.at[image, cut_token].set(state.depth - 1.0, mode='drop')
+    final_ponder = final_ponder.at[image, cut_token].set(state.ponder + state.remainder,
+                                                         mode='drop')
     x, token = x[image, slots], token[image, slots]
     state = jax.tree.map(lambda a: a[image, slots], state)
 
     mask = state.mask
     x = block(x * mask[..., None].astype(x.dtype), mask=mask)
-    score = halting_lib.halting_score(x, model.gate_scale, model.gate_center)
-    h = jnp.ones_like(score) if layer == depth - 1 else score
-    new = halting_lib.update(state, x, h, model.eps)
-
-    # The class token's output accumulator (the only one the head reads).
-    class_row = (jnp.arange(b), jnp.argmax(token == 0, axis=1))
-    is_class = (token[class_row] == 0) & (mask[class_row] > 0)
+    new, weight, score = model.halting_step(state, x, layer)
     ran = jnp.where(mask > 0, token, n)  # n: dropped
-    results = Results(
-        depth=results.depth.at[image, ran].set(new.depth, mode='drop'),
-        ponder=results.ponder.at[image, ran].set(new.ponder, mode='drop'),
-        scores=results.scores.at[image, layer, ran].set(score, mode='drop'),
-        class_output=update_class_output(state, class_row, is_class, x, h,
-                                         results.class_output, model.eps))
-    state = dataclasses.replace(new, output=state.output)
-  return finish(model, b, n, results)
+    final_depth = final_depth.at[image, ran].set(new.depth, mode='drop')
+    final_ponder = final_ponder.at[image, ran].set(new.ponder, mode='drop')
+    scores = scores.at[image, layer, ran].set(score, mode='drop')
+    # The class token's output accumulator (the only one the head reads).
+    class_slot = jnp.argmax(token == 0, axis=1)
+    rows = jnp.arange(b)
+    is_class = (token[rows, class_slot] == 0) & (mask[rows, class_slot] > 0)
+    class_output = update_class_output(class_output, is_class, x[rows, class_slot],
+                                       weight[rows, class_slot])
+    state = new
+  return dataclasses.replace(
+      removal_output(model, class_logits(model, class_output), final_depth, final_ponder,
+                     scores), tokens_cut=tokens_cut)
 
 
 def check(capacity, model: AViT) -> tuple[int, ...]:
   """The budgets as a tuple of ints, or a ValueError saying what is expected."""
-  n, depth = model.num_patches + 1, model.depth
+  n, depth = model.num_tokens, model.depth
   hint = ('pass capacity=(K_1, ..., K_L), one token budget per layer, e.g. '
           'inference.calibrate_capacity(model, images)')
   if capacity is None:

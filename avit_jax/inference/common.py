@@ -1,9 +1,8 @@
-"""What every inference mode shares: chunking, the parameters as flat leaves, the head on
-class-token outputs and the class token's halting accumulator."""
+"""What every inference mode shares: chunking, the parameters as flat leaves, and the
+class-token accumulator and head of the token-removal modes."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -18,14 +17,12 @@ from avit_jax.models.avit import AViT, AViTOutput
 CPU_CHUNK_FLOATS = 1 << 18
 
 
-def default_chunk_size(model: AViT | None = None) -> int:
+def default_chunk_size(model: AViT) -> int:
   """Images per chunk on CPU (cache-sized token states; 8 for DeiT-T, 4 for DeiT-S, 256 for
   the Fashion-MNIST default), 0 (whole batch) on accelerators."""
   if jax.default_backend() != 'cpu':
     return 0
-  if model is None:
-    return 8
-  floats = (model.num_patches + 1) * model.cls_token.shape[-1]
+  floats = model.num_tokens * model.cls_token.shape[-1]
   return 1 << max(0, round(math.log2(max(1.0, CPU_CHUNK_FLOATS / floats))))
 
 
@@ -48,8 +45,8 @@ def map_chunks(fn, images: jax.Array, chunk_size: int):
   return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stacked), n
 
 
-class Params:
-  """A module's parameters as a flat tuple of arrays; `merge` rebuilds it inside a trace.
+class ParamLeaves:
+  """A module's state as a flat tuple of arrays; `merge` rebuilds the module inside a trace.
 
   Jitted functions take the leaves, not the nnx graph or State: hashing a GraphDef as a
   static argument and flattening an nnx State cost milliseconds per call.
@@ -63,36 +60,20 @@ class Params:
     return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Results:
-  """Per image, original token layout: depth, ponder [B*N] (or [B, N]); scores [B*L*N] (or
-  [B, L, N]); class token output (the halting accumulator) [B, D]. `finish` reshapes."""
-  depth: jax.Array
-  ponder: jax.Array
-  scores: jax.Array
-  class_output: jax.Array
+def class_logits(model: AViT, class_output: jax.Array) -> jax.Array:
+  """Final norm and head on each image's class-token output [B, D] -> logits [B, C]."""
+  return model.forward_head(model.norm(class_output[:, None, :].astype(model.dtype)))
 
 
-def finish(model, b, n, results: Results):
-  """Final norm and head on each image's class-token output; results back to [B, ...]."""
-  features = model.norm(results.class_output[:, None, :].astype(model.dtype))
-  depth = model.depth
-  return AViTOutput(logits=model.forward_head(features),
-                    token_depth=results.depth.reshape(b, n),
-                    ponder=results.ponder.reshape(b, n),
-                    halting_mean=jnp.zeros((depth,), jnp.float32),
-                    halting_scores=results.scores.reshape(b, depth, n))
+def update_class_output(class_output, is_class, y, weight):
+  """The class tokens' output accumulators [B, D] after a layer: y [B, D] * weight [B]
+  added where is_class [B] (the image's class token ran this layer)."""
+  return jnp.where(is_class[:, None], halting_lib.accumulate(class_output, y, weight),
+                   class_output)
 
 
-def update_class_output(state: halting_lib.HaltingState, index, is_class, y, h, class_output,
-                        eps: float) -> jax.Array:
-  """Halting update of the output accumulator of each image's class token only.
-
-  state, y [*, D] and h hold every token of a layer; `index` picks each image's class-token
-  row from them and `is_class` says whether that row holds its class token, running.
-  Returns the new class outputs [B, D] (unchanged where is_class is False).
-  """
-  rows = jax.tree.map(lambda a: a[index], state)
-  rows = dataclasses.replace(rows, mask=is_class.astype(jnp.float32), output=class_output)
-  return halting_lib.update(rows, y[index], h[index], eps).output
+def removal_output(model: AViT, logits, token_depth, ponder, halting_scores) -> AViTOutput:
+  """AViTOutput of a token-removal mode: halting_mean, a training quantity, is 0."""
+  return AViTOutput(logits=logits, token_depth=token_depth, ponder=ponder,
+                    halting_mean=jnp.zeros((model.depth,), jnp.float32),
+                    halting_scores=halting_scores)

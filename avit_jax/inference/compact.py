@@ -1,317 +1,443 @@
-"""'compact' mode: halted tokens removed for real (see the package doc for the design).
+"""'compact' mode: halted tokens removed for real, one compiled program per batch shape.
 
-The running tokens of the batch live in packed rows (`_Rows`); each block runs per group of
-images of similar running-token counts (`_group_block`); `_repack` drops the halted rows
-and re-sorts the images after every layer; `CompactPredictor` drives it from the host.
+Everything runs on the device, in a loop over layers; each layer picks, from the running-
+token counts the device itself computed, block programs of bucketed sizes (static shapes
+compiled once). Two layouts:
+
+* sequence (batch 1): [B, N] with each image's running tokens first, in their order; each
+  layer runs `vit.Block` on the first n positions, n the longest image's count rounded up
+  to a length bucket, the padding masked as keys. Nothing else: no grouping, no packing.
+* packed (larger batches): the running tokens of the whole batch as rows, image after
+  image, the images in decreasing order of running tokens. The block's attention branch
+  runs per group of G consecutive images on a [G, n] layout padded to the group's longest
+  image (similar counts, so little padding); its MLP branch, two thirds of the FLOPs, on
+  the rows themselves, rounded up to a row bucket. A repack after each layer drops the
+  halted rows and re-sorts the images (cumulative sums and one gather, no sort over rows).
+
+In both, one halting step (`AViT.halting_step`) updates every row, only each image's class
+token keeps the output accumulator (the head reads nothing else), and tokens keep running
+until they halt themselves, also after their class token halted: the logits are final
+then, but the other tokens' depths (and FLOPs) must be the masked model's.
+
+A size is picked by a loop of 0 or 1 trips per bucket rather than lax.switch wherever the
+buffers are large: on CPU a conditional copies every buffer it returns, which for the rows
+of a batch of 64 costs more than the layer saves; a loop updates them in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from avit_jax.inference.common import (Params, Results, finish, map_chunks,
+from avit_jax.inference.common import (ParamLeaves, class_logits, map_chunks, removal_output,
                                        update_class_output)
 from avit_jax.models import halting as halting_lib
 from avit_jax.models.avit import AViT, AViTOutput
 
 
+def buckets(limit: int, granule: int) -> tuple[int, ...]:
+  """granule, 2 * granule, ... up to and including `limit`."""
+  return tuple(sorted({min(limit, k) for k in range(granule, limit + granule, granule)}))
+
+
+def _granule(limit: int, count: int) -> int:
+  """A step of about limit / count, rounded up to a multiple of 8 (matmul-friendly sizes)."""
+  return max(8, math.ceil(limit / max(1, count) / 8) * 8)
+
+
+def _bucket_of(count, sizes):
+  """The smallest of `sizes` (sorted) that holds `count`; 0 when count is 0."""
+  index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
+  return jnp.where(count > 0, jnp.asarray(sizes, jnp.int32)[jnp.minimum(index, len(sizes) - 1)],
+                   0)
+
+
+def _select(bucket, sizes, make_fn, carry, *, copy_bytes: int = 1 << 20):
+  """make_fn(size)(carry) for the size equal to `bucket` (carry unchanged for 0).
+
+  A small carry goes through one lax.switch; a large one through a loop of 0 or 1 trips per
+  size (`_run_if`), since a conditional copies every buffer it returns, which for the rows
+  of a batch of 64 costs more than the layer saves.
+  """
+  nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(carry))
+  if nbytes <= copy_bytes:
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), bucket)
+    index = jnp.where(bucket > 0, index + 1, 0)
+    return jax.lax.switch(index, [lambda c: c] + [make_fn(size) for size in sizes], carry)
+  for size in sizes:
+    carry = _run_if(bucket == size, make_fn(size), carry)
+  return carry
+
+
+def _run_if(condition, fn, carry):
+  """fn(carry) if condition else carry, as a loop of 0 or 1 trips: unlike lax.cond, a loop
+  updates its carry in place."""
+
+  def body(i, carry):
+    # Tied to the trip counter: a body that reads only values the loop passes through
+    # unchanged is loop-invariant, and XLA would hoist it out, running it whatever the
+    # condition.
+    _, carry = jax.lax.optimization_barrier((i, carry))
+    return fn(carry)
+
+  return jax.lax.fori_loop(0, condition.astype(jnp.int32), body, carry)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The static shape choices of one batch size (see `CompactPredictor.plan`)."""
+  layout: str                   # 'sequence' or 'packed'
+  lengths: tuple[int, ...]      # attention lengths (tokens per image) to pick from
+  group: int = 1                # packed: images per attention group
+  rows: tuple[int, ...] = ()    # packed: row counts of the MLP branch to pick from
+  chunk_rows: int = 1 << 30     # packed: rows per MLP matmul at most
+
+
+def default_group(batch: int) -> int:
+  """Images per attention group: 2 for small batches, whose images' counts differ a lot,
+  up to 8 for 64 and more, where sorting makes neighbours alike and larger groups run the
+  attention more efficiently (measured on CPU, DeiT-T)."""
+  return min(8, max(2, batch // 8))
+
+
+class CompactPredictor:
+  """Token removal as one jitted program per batch shape, no read-back inside a forward.
+
+  The bucket counts trade compile time (each size is a program of its own, compiled with
+  the first batch) against padding (a count is rounded up to the next size):
+  sequence_batch: batches up to this size use the sequence layout, larger ones the packed.
+  length_buckets: number of attention lengths (multiples of 8, in steps of about N / it).
+  group: images per attention group of the packed layout (None: `default_group(batch)`).
+  row_buckets: number of MLP row counts of the packed layout (steps of about B*N / it).
+  """
+
+  def __init__(self, model: AViT, *, chunk_size: int, sequence_batch: int = 1,
+               length_buckets: int = 12, group: int | None = None, row_buckets: int = 16):
+    self.model = model
+    self.chunk_size = chunk_size
+    self.tokens = n = model.num_tokens
+    self.sequence_batch = sequence_batch
+    self.length_buckets = length_buckets
+    self.group = group
+    self.row_buckets = row_buckets
+    self._params = ParamLeaves(model)
+    self._leaves = self._params.leaves
+    self._blocks = _StackedBlocks(model.blocks)
+    self._jitted = jax.jit(self._forward)
+
+  def set_params(self, model: AViT) -> None:
+    """Takes the current parameters of `model` (same structure) without recompiling."""
+    self._leaves = ParamLeaves(model).leaves
+    self._blocks.set_params(model.blocks)
+
+  def compiled_count(self) -> int:
+    """Programs compiled so far (one per batch shape)."""
+    return self._jitted._cache_size()  # pylint: disable=protected-access
+
+  def plan(self, batch: int) -> Plan:
+    """The layout and bucket sizes used for batches of `batch` images."""
+    n = self.tokens
+    lengths = buckets(n, _granule(n, self.length_buckets))
+    if batch <= self.sequence_batch:
+      return Plan('sequence', lengths)
+    group = min(batch, self.group or default_group(batch))
+    capacity = batch * n
+    rows = buckets(capacity, _granule(capacity, self.row_buckets))
+    chunk_rows = self.chunk_size * n if self.chunk_size > 0 else capacity
+    return Plan('packed', lengths, group=group, rows=rows, chunk_rows=chunk_rows)
+
+  def work(self, token_depth) -> dict:
+    """What the program computes for halting with these token depths [B, N], layer by
+    layer, against what the halting needs (numpy; no timing):
+
+    rows_running / attention_running: running tokens, and the sum of their images'
+    squared counts; rows_computed: token rows the MLP branch runs (the whole block in the
+    sequence layout); attention_rows_computed / attention_computed: padded rows and
+    sum of G * n^2 of the attention branch.
+    """
+    depth = np.asarray(token_depth)
+    batch = depth.shape[0]
+    plan = self.plan(batch)
+    active = (depth[:, None, :] > np.arange(self.model.depth)[None, :, None]).sum(-1)
+    fit = lambda count, sizes: 0 if count == 0 else next(s for s in sizes if s >= count)  # noqa: E731
+    out = {k: [] for k in ('rows_running', 'attention_running', 'rows_computed',
+                           'attention_rows_computed', 'attention_computed')}
+    for counts in active.T:
+      counts = np.sort(counts)[::-1]
+      out['rows_running'].append(int(counts.sum()))
+      out['attention_running'].append(int((counts.astype(np.int64) ** 2).sum()))
+      if plan.layout == 'sequence':
+        length = fit(counts[0], plan.lengths)
+        lengths, size = [length] * batch, batch * length
+      else:
+        lengths = [fit(counts[g], plan.lengths) for g in range(0, batch, plan.group)]
+        lengths = [n for n in lengths for _ in range(plan.group)]
+        size = fit(int(counts.sum()), plan.rows)
+      out['rows_computed'].append(size)
+      out['attention_rows_computed'].append(int(sum(lengths)))
+      out['attention_computed'].append(int(sum(n * n for n in lengths)))
+    return out
+
+  def __call__(self, images: jax.Array) -> AViTOutput:
+    self.model.check_images(images)
+    return self._jitted(*self.arguments(images))
+
+  @property
+  def jitted(self):
+    """The jax.jit forward, called as jitted(*arguments(images)) (e.g. for jax.export)."""
+    return self._jitted
+
+  def arguments(self, images) -> tuple:
+    return self._leaves, self._blocks.stacked, images
+
+  def _forward(self, leaves, stacked, images):
+    model = self._params.merge(leaves)
+    x, _ = map_chunks(model.embed, images, self.chunk_size or images.shape[0])
+    plan = self.plan(x.shape[0])
+    if plan.layout == 'sequence':
+      return _sequence_forward(model, self._blocks, stacked, x, plan)
+    return _packed_forward(model, self._blocks, stacked, x, plan)
+
+
+class _StackedBlocks:
+  """The blocks' parameters stacked on a leading layer axis, for a loop over layers.
+
+  Blocks differ only in their drop-path rate, which eval mode ignores, so block 0's graph
+  with layer l's parameters is block l.
+  """
+
+  def __init__(self, blocks):
+    self.graphdef, _, self.rest = nnx.split(blocks[0], nnx.Param, ...)
+    self.set_params(blocks)
+
+  def set_params(self, blocks) -> None:
+    states = [nnx.split(block, nnx.Param, ...)[1] for block in blocks]
+    if any(jax.tree.structure(s) != jax.tree.structure(states[0]) for s in states):
+      raise ValueError('compact inference needs blocks with identical parameter structure')
+    self.stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+
+  def block(self, stacked, layer):
+    params = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False),
+                          stacked)
+    return nnx.merge(self.graphdef, params, self.rest)
+
+
+# ---------------------------------------------------------------------------------------
+# Sequence layout: [B, N], each image's running tokens first.
+
+
+def _running_first(running):
+  """Per row of running [B, N] (bool): the permutation that puts running tokens first,
+  each group in its original order. Returns source indices [B, N] (int32)."""
+  b, n = running.shape
+  before_running = jnp.cumsum(running, axis=1) - 1
+  before_halted = jnp.cumsum(~running, axis=1) - 1 + jnp.sum(running, axis=1, keepdims=True)
+  dest = jnp.where(running, before_running, before_halted)
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
+  return jnp.zeros((b, n), jnp.int32).at[rows, dest].set(
+      jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), unique_indices=True)
+
+
+def _sequence_forward(model, blocks, stacked, x, plan: Plan):
+  b, n, d = x.shape
+  depth = model.depth
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
+
+  def run_layer(layer, carry):
+    x, state, token, scores, class_output = carry
+    block = blocks.block(stacked, layer)
+    mask = state.mask
+    bucket = _bucket_of(jnp.max(jnp.sum(mask, axis=1)), plan.lengths)
+
+    def run(length):
+      def fn(x):
+        out = block(x[:, :length], key_mask=mask[:, :length] > 0)
+        return jax.lax.dynamic_update_slice_in_dim(x, out, 0, axis=1)
+      return fn
+
+    y = _select(bucket, plan.lengths, run, x)
+    new, weight, score = model.halting_step(state, y, layer)
+    ran = mask > 0
+    scores = scores.at[rows, layer, token].set(jnp.where(ran, score, 0.0))
+    class_output = update_class_output(class_output, (token[:, 0] == 0) & ran[:, 0], y[:, 0],
+                                       weight[:, 0])
+
+    def compact(carry):
+      y, new, token = carry
+      source = _running_first(new.mask > 0)
+      take = lambda a: jnp.take_along_axis(  # noqa: E731
+          a, source.reshape(source.shape + (1,) * (a.ndim - 2)), axis=1)
+      return take(y), jax.tree.map(take, new), take(token)
+
+    # Nothing to move in the layers where no token halted (the first ones, mostly).
+    y, new, token = _run_if(jnp.any(new.mask != mask), compact, (y, new, token))
+    return y, new, token, scores, class_output
+
+  carry = (x, halting_lib.init_state((b, n)), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32),
+                                                                  (b, n)),
+           jnp.zeros((b, depth, n), jnp.float32), jnp.zeros((b, d), jnp.float32))
+  _, state, token, scores, class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
+  restore = lambda a: jnp.zeros_like(a).at[rows, token].set(a, unique_indices=True)  # noqa: E731
+  return removal_output(model, class_logits(model, class_output), restore(state.depth),
+                        restore(state.ponder), scores)
+
+
+# ---------------------------------------------------------------------------------------
+# Packed layout: the running tokens of the batch as rows.
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-  """Token rows of the whole batch: R = B*N + G*N rows (G*N of slack, so that a group's
-  bucket-sized window never runs past the end).
+  """Token rows of the batch, R = B*N of them.
 
-  After every repack the running tokens come first, packed image by image with the images
-  in decreasing order of running tokens (ties by image index) and each image's tokens in
-  their original order (so its class token, while it runs, is its first row); the other
-  rows have image = B. Fields, all [R]: x [R, D]; image, token int32; cumulative,
-  remainder, ponder, depth: the halting state; mask: 1 on running rows (after a block:
-  still running); score: the halting score of the last layer the row ran.
+  The running tokens come first, image after image (images in decreasing order of
+  running tokens, ties by index), each image's tokens in their original order, so its
+  class token, while it runs, is its first row. image = B on rows that hold no token.
   """
-  x: jax.Array
-  image: jax.Array
-  token: jax.Array
-  cumulative: jax.Array
-  remainder: jax.Array
-  ponder: jax.Array
-  depth: jax.Array
-  mask: jax.Array
-  score: jax.Array
+  x: jax.Array          # [R, D]
+  image: jax.Array      # [R] int32
+  token: jax.Array      # [R] int32
+  state: halting_lib.HaltingState  # [R]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  """Images in row order (decreasing running count), padded to whole groups of G:
-  counts int32 [B'] running tokens, images int32 [B'] image index (B on padding)."""
+  """Images in row order, padded to whole groups: counts, images (B on padding) and the
+  first row of each, all int32 [B']."""
   counts: jax.Array
   images: jax.Array
+  firsts: jax.Array
 
 
-def _embed_rows(model, images, group):
-  """Embeds the batch into rows (all running, image-major) and the starting layout.
-
-  The patch embedding runs in chunks of `group` images, like dense's (cache-sized)."""
-  x, _ = map_chunks(model.embed, images, group)
-  b, n, d = x.shape
-  padded_batch = -(-b // group) * group
-  total = b * n + group * n
-  pad = lambda a, value: jnp.pad(a, (0, total - b * n), constant_values=value)  # noqa: E731
-  zeros, ones = jnp.zeros((b * n,), jnp.float32), jnp.ones((b * n,), jnp.float32)
-  rows = _Rows(
-      x=jnp.pad(x.reshape(b * n, d), ((0, total - b * n), (0, 0))),
-      image=pad(jnp.repeat(jnp.arange(b, dtype=jnp.int32), n), b),
-      token=pad(jnp.tile(jnp.arange(n, dtype=jnp.int32), b), 0),
-      cumulative=pad(zeros, 0.0), remainder=pad(ones, 1.0), ponder=pad(zeros, 0.0),
-      depth=pad(ones, 1.0), mask=pad(ones, 0.0), score=pad(zeros, 0.0))
-  layout = _Layout(
-      counts=jnp.pad(jnp.full((b,), n, jnp.int32), (0, padded_batch - b)),
-      images=jnp.pad(jnp.arange(b, dtype=jnp.int32), (0, padded_batch - b), constant_values=b))
-  results = Results(depth=zeros, ponder=zeros,
-                    scores=jnp.zeros((b * model.depth * n,), jnp.float32),
-                    class_output=jnp.zeros((b, d), jnp.float32))
-  return rows, layout, results
+def _layout(counts_by_image, groups: int, group: int) -> _Layout:
+  """Sorts images by decreasing count (stable) and gives each its first row."""
+  batch = counts_by_image.shape[0]
+  order = jnp.argsort(-counts_by_image, stable=True).astype(jnp.int32)
+  counts = counts_by_image[order]
+  pad = groups * group - batch
+  counts = jnp.pad(counts, (0, pad))
+  return _Layout(counts=counts, images=jnp.pad(order, (0, pad), constant_values=batch),
+                 firsts=jnp.cumsum(counts) - counts)
 
 
-def _group_block(block, halting_consts, depth, group, window, n_pad, layer, first_image,
-                 rows: _Rows, layout: _Layout, class_output):
-  """One block + halting update for the G images of the layout from `first_image` on.
+def _attention_groups(block, x, layout: _Layout, plan: Plan):
+  """The attention branch of every image, group by group on [G, n] padded layouts.
 
-  Works on a window of `window` rows from the group's first row (its running tokens, then
-  rows of other groups, which are left untouched); attention runs per image on a
-  [G, n_pad] layout with the padding masked as keys, exactly like a halted token. Returns
-  (rows, class_output) with the group's rows and class-token outputs updated.
+  Groups come in decreasing length (the images are sorted), so the groups of each length
+  bucket are a contiguous range: one loop per bucket over its range, each with a body of
+  static shape. Returns x with the running rows replaced by their attention-branch outputs.
   """
-  gamma, beta, eps = halting_consts
-  batch = class_output.shape[0]
-  counts = jax.lax.dynamic_slice_in_dim(layout.counts, first_image, group)
-  images = jax.lax.dynamic_slice_in_dim(layout.images, first_image, group)
-  start = jnp.sum(jnp.where(jnp.arange(layout.counts.shape[0]) < first_image, layout.counts, 0))
-  part = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, window), rows)
-  ends = jnp.cumsum(counts)
-  firsts = ends - counts
-  i = jnp.arange(window)
-  real = i < ends[-1]
-  slot = jnp.minimum(jnp.sum(i[:, None] >= ends[None, :], axis=1), group - 1)
-  position = jnp.clip(i - firsts[slot], 0, n_pad - 1)
+  group = plan.group
+  total_rows = x.shape[0]
+  group_lengths = _bucket_of(layout.counts[::group], plan.lengths)
 
-  # vit.Block with a mask, on the window's rows; attention per image on [G, n_pad]. The
-  # mask multiplies of vit.Block are left out: on the group's rows they are 1 (x * 1 is x),
-  # token-wise ops keep rows apart, and the other rows' results are dropped below.
-  mask = real.astype(jnp.float32)
-  x = part.x
-  qkv = block.attn.qkv(block.norm1(x))
-  key_mask = jnp.arange(n_pad)[None, :] < counts[:, None]
-  # Padding slots repeat the image's own first row: they get zero weight as keys, and an
-  # image never reads another image's rows (whose NaN would survive 0 * NaN).
-  gather = firsts[:, None] + jnp.where(key_mask, jnp.arange(n_pad)[None, :], 0)
-  padded = jnp.take(qkv, gather.reshape(-1), axis=0, mode='clip').reshape(group, n_pad, -1)
-  attended = block.attn.attend(padded, key_mask)
-  # Back to rows: a row gather with sorted indices (XLA on CPU copies whole rows).
-  x = x + block.attn.proj(jnp.take(attended.reshape(group * n_pad, -1), slot * n_pad + position,
-                                   axis=0, mode='clip', indices_are_sorted=True))
-  x = x + block.mlp(block.norm2(x))
+  def run_group(length, g, out):
+    counts = jax.lax.dynamic_slice_in_dim(layout.counts, g * group, group)
+    offsets = layout.firsts[g * group] + jnp.cumsum(counts) - counts
+    position = jnp.arange(length)
+    valid = position[None, :] < counts[:, None]
+    # Padding slots re-read their image's first row: an image never reads another
+    # image's rows (whose NaN would survive being masked).
+    rows = offsets[:, None] + jnp.where(valid, position[None, :], 0)
+    y = block.attention_branch(x[rows], key_mask=valid)
+    return out.at[jnp.where(valid, rows, total_rows)].set(y, mode='drop')
 
-  # Halting, exactly as AViT.run_halting (h = 1 at the last layer). Only class tokens need
-  # the output accumulator: it is updated for the group's class rows alone.
-  score = halting_lib.halting_score(x, gamma, beta)
-  h = jnp.where(layer == depth - 1, jnp.ones_like(score), score)
-  state = halting_lib.HaltingState(
-      cumulative=part.cumulative, remainder=part.remainder, mask=mask, ponder=part.ponder,
-      depth=part.depth, output=jnp.zeros((window, 1), jnp.float32))
-  new = halting_lib.update(state, x, h, eps)
-  first = jnp.minimum(firsts, window - 1)
-  is_class = (counts > 0) & (part.token[first] == 0)
-  updated_class = update_class_output(state, first, is_class, x, h,
-                                      class_output[jnp.minimum(images, batch - 1)], eps)
-  class_output = class_output.at[jnp.where(is_class, images, batch)].set(updated_class,
-                                                                        mode='drop')
-
-  keep = lambda new, old: jnp.where(real.reshape(-1, *[1] * (old.ndim - 1)), new, old)  # noqa: E731
-  updated = dataclasses.replace(
-      part, x=keep(x, part.x), cumulative=keep(new.cumulative, part.cumulative),
-      remainder=keep(new.remainder, part.remainder), ponder=keep(new.ponder, part.ponder),
-      depth=keep(new.depth, part.depth), mask=keep(new.mask, part.mask),
-      score=keep(score, part.score))
-  rows = jax.tree.map(lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, start, 0),
-                      rows, updated)
-  return rows, class_output
+  out = x
+  for length in plan.lengths:
+    out = jax.lax.fori_loop(jnp.sum(group_lengths > length), jnp.sum(group_lengths >= length),
+                            functools.partial(run_group, length), out)
+  return out
 
 
-def _repack(depth, tokens, group, prefix, layer, rows: _Rows, results: Results):
-  """Records what the rows that ran this layer end with, then packs the still-running rows
-  to the front, images in decreasing order of running tokens. `prefix` (static) covers
-  every row that ran. Returns (rows, layout, results)."""
-  batch = results.class_output.shape[0]
-  p = jax.tree.map(lambda a: a[:prefix], rows)
-  ran = p.image < batch
-  image = jnp.minimum(p.image, batch)
-  flat = jnp.where(ran, image * tokens + p.token, batch * tokens)
-  flat_scores = jnp.where(ran, (image * depth + layer) * tokens + p.token, batch * depth * tokens)
-  results = dataclasses.replace(
-      results, depth=results.depth.at[flat].set(p.depth, mode='drop'),
-      ponder=results.ponder.at[flat].set(p.ponder, mode='drop'),
-      scores=results.scores.at[flat_scores].set(p.score, mode='drop'))
+def _token_rows(fn, x, total, plan: Plan):
+  """x with its first rows (at least `total`, rounded up to a row bucket) replaced by fn of
+  them, a token-wise function, computed in chunks of at most plan.chunk_rows rows
+  (cache-sized on CPU, like dense's chunks of images)."""
 
-  running = ran & (p.mask > 0)
+  def run(size):
+    def write(x):
+      for start in range(0, size, plan.chunk_rows):
+        stop = min(size, start + plan.chunk_rows)
+        x = jax.lax.dynamic_update_slice_in_dim(x, fn(x[start:stop]), start, axis=0)
+      return x
+    return write
+
+  return _select(_bucket_of(total, plan.rows), plan.rows, run, x)
+
+
+def _repack(rows: _Rows, batch: int, groups: int, group: int):
+  """Running rows to the front, image after image in decreasing order of running tokens.
+
+  Returns (rows, layout). A running row's place in its image is the number of running rows
+  before it, minus those before its image's first running row (an image's rows are
+  contiguous), so this is cumulative sums and one gather, no sort over rows.
+  """
+  total_rows = rows.image.shape[0]
+  running = (rows.state.mask > 0) & (rows.image < batch)
+  image = jnp.minimum(rows.image, batch)
   counts = jax.ops.segment_sum(running.astype(jnp.int32), image, num_segments=batch + 1)[:batch]
-  order = jnp.argsort(-counts, stable=True).astype(jnp.int32)
-  sorted_counts = counts[order]
-  new_first = jnp.zeros((batch,), jnp.int32).at[order].set(jnp.cumsum(sorted_counts)
-                                                           - sorted_counts)
-  # A running row's place in its image: running rows before it, minus those before the
-  # image's first running row (an image's rows are contiguous).
+  layout = _layout(counts, groups, group)
+  first_by_image = jnp.zeros((batch + 1,), jnp.int32).at[layout.images].set(layout.firsts,
+                                                                              mode='drop')
   before = jnp.cumsum(running) - running
-  image_before = jax.ops.segment_min(jnp.where(running, before, prefix), image,
+  image_before = jax.ops.segment_min(jnp.where(running, before, total_rows), image,
                                      num_segments=batch + 1)
-  dest = jnp.where(running, new_first[jnp.minimum(image, batch - 1)] + before
-                   - image_before[image], prefix)
-  source = jnp.zeros((prefix,), jnp.int32).at[dest].set(jnp.arange(prefix, dtype=jnp.int32),
-                                                        mode='drop')
-  valid = jnp.zeros((prefix,), bool).at[dest].set(True, mode='drop')
-  q = jax.tree.map(lambda a: a[source], p)
-  q = dataclasses.replace(q, image=jnp.where(valid, q.image, batch),
-                          mask=valid.astype(jnp.float32))
-  rows = jax.tree.map(lambda a, u: jax.lax.dynamic_update_slice_in_dim(a, u, 0, 0), rows, q)
-  padded = -(-batch // group) * group - batch
-  layout = _Layout(counts=jnp.pad(sorted_counts, (0, padded)),
-                   images=jnp.pad(order, (0, padded), constant_values=batch))
-  return rows, layout, results
+  dest = jnp.where(running, first_by_image[image] + before - image_before[image], total_rows)
+  source = jnp.zeros((total_rows,), jnp.int32).at[dest].set(
+      jnp.arange(total_rows, dtype=jnp.int32), mode='drop')
+  valid = jnp.zeros((total_rows,), bool).at[dest].set(True, mode='drop')
+  moved = jax.tree.map(lambda a: a[source], rows)
+  state = dataclasses.replace(moved.state, mask=valid.astype(jnp.float32))
+  return dataclasses.replace(moved, image=jnp.where(valid, moved.image, batch),
+                             state=state), layout
 
 
-def _round_up(value: int, granule: int, limit: int) -> int:
-  return min(limit, max(granule, -(-value // granule) * granule))
+def _packed_forward(model, blocks, stacked, x, plan: Plan):
+  b, n, d = x.shape
+  depth = model.depth
+  group = plan.group
+  groups = -(-b // group)
+  total_rows = b * n
+  rows = _Rows(x=x.reshape(total_rows, d), image=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
+               token=jnp.tile(jnp.arange(n, dtype=jnp.int32), b),
+               state=halting_lib.init_state((total_rows,)))
+  layout = _layout(jnp.full((b,), n, jnp.int32), groups, group)
+  results = (jnp.zeros((b * n,), jnp.float32), jnp.zeros((b * n,), jnp.float32),
+             jnp.zeros((b * depth * n,), jnp.float32))
 
+  def run_layer(layer, carry):
+    rows, layout, results, class_output = carry
+    block = blocks.block(stacked, layer)
+    # vit.Block in its two branches: attention per group of images, the MLP on the rows.
+    y = _attention_groups(block, rows.x, layout, plan)
+    y = _token_rows(block.mlp_branch, y, jnp.sum(layout.counts), plan)
+    new, weight, score = model.halting_step(rows.state, y, layer)
+    ran = rows.state.mask > 0
+    flat = jnp.where(ran, rows.image * n + rows.token, b * n)
+    flat_scores = jnp.where(ran, (rows.image * depth + layer) * n + rows.token, b * depth * n)
+    depths, ponders, scores = results
+    results = (depths.at[flat].set(new.depth, mode='drop'),
+               ponders.at[flat].set(new.ponder, mode='drop'),
+               scores.at[flat_scores].set(score, mode='drop'))
+    # Each image's class token is its first row while it runs.
+    first = jnp.minimum(layout.firsts, total_rows - 1)
+    is_class = (layout.counts > 0) & (rows.token[first] == 0)
+    image = jnp.minimum(layout.images, b - 1)
+    updated = update_class_output(class_output[image], is_class, y[first], weight[first])
+    class_output = class_output.at[jnp.where(is_class, layout.images, b)].set(updated,
+                                                                              mode='drop')
+    rows, layout = _repack(dataclasses.replace(rows, x=y, state=new), b, groups, group)
+    return rows, layout, results, class_output
 
-class CompactPredictor:
-  """Token removal: token-wise layers on packed rows, attention per image (see module doc).
-
-  The batch runs as one set of rows; each block runs group by group, a group being
-  `chunk_size` images of similar running-token counts (images are re-sorted by count after
-  every layer, so attention pads little). token_buckets: a group's row window is rounded up
-  to a multiple of G*N / token_buckets; query_buckets: its attention length to a multiple
-  of N / query_buckets (both to multiples of 8). The block compiles once per (window,
-  length) pair, at most token_buckets * query_buckets programs per group size; the repack
-  between layers once per row bucket. The counts are read back to the host after each layer.
-  """
-
-  def __init__(self, model: AViT, *, chunk_size: int, token_buckets: int = 32,
-               query_buckets: int = 8):
-    if token_buckets < 1 or query_buckets < 1:
-      raise ValueError(f'token_buckets and query_buckets must be >= 1, got {token_buckets}, '
-                       f'{query_buckets}')
-    self.model = model
-    self.chunk_size = chunk_size
-    self.token_buckets = token_buckets
-    self.query_buckets = query_buckets
-    self.tokens = n = model.num_patches + 1
-    self.depth = depth = model.depth
-    params = Params(model)
-    self._leaves = params.leaves
-    blocks = [Params(block) for block in model.blocks]
-    # Blocks differ only in their drop-path rate, which eval mode ignores: one program
-    # (block 0's graph with each block's parameters) serves every layer.
-    if any(b.treedef != blocks[0].treedef for b in blocks):
-      raise ValueError('compact inference needs blocks with identical parameter structure')
-    self._block_leaves = [b.leaves for b in blocks]
-    consts = (model.gate_scale, model.gate_center, model.eps)
-    self._embed = jax.jit(
-        lambda leaves, images, group: _embed_rows(params.merge(leaves), images, group),
-        static_argnums=(2,))
-    self._group = jax.jit(
-        lambda group, window, n_pad, leaves, layer, first, rows, layout, class_output:
-        _group_block(blocks[0].merge(leaves), consts, depth, group, window, n_pad, layer,
-                     first, rows, layout, class_output),
-        static_argnums=(0, 1, 2), donate_argnums=(6, 8))
-    self._repack = jax.jit(
-        lambda group, prefix, layer, rows, results: _repack(depth, n, group, prefix, layer,
-                                                            rows, results),
-        static_argnums=(0, 1), donate_argnums=(3, 4))
-    self._finish = jax.jit(lambda leaves, results: finish(
-        params.merge(leaves), results.class_output.shape[0], n, results))
-
-  def set_params(self, model: AViT) -> None:
-    """Takes the current parameters of `model` (same structure) without recompiling."""
-    self._leaves = Params(model).leaves
-    self._block_leaves = [Params(block).leaves for block in model.blocks]
-
-  def compiled_count(self) -> int:
-    """Block programs compiled so far (one per group size and (window, length) pair)."""
-    return self._group._cache_size()  # pylint: disable=protected-access
-
-  def group_size(self, batch: int) -> int:
-    """Images per group for a batch: chunk_size (the whole batch when 0 or larger)."""
-    return batch if self.chunk_size <= 0 else min(self.chunk_size, batch)
-
-  def granules(self, group: int) -> tuple[int, int]:
-    """Bucket sizes for groups of `group` images: (row window, attention length)."""
-    g_rows = _round_up(math.ceil(group * self.tokens / self.token_buckets), 8, 1 << 30)
-    g_len = _round_up(math.ceil(self.tokens / self.query_buckets), 8, 1 << 30)
-    return g_rows, g_len
-
-  def __call__(self, images: jax.Array) -> AViTOutput:
-    return self._run(images, None)
-
-  def profile(self, images: jax.Array) -> dict:
-    """One run with the device synchronised after every call: where compact's time goes.
-
-    Returns {'seconds': {embed, blocks, repack, finish}, 'block_calls', 'rows_computed' /
-    'rows_running' (token rows the blocks ran, with bucket rounding / needed),
-    'attention_computed' / 'attention_running' (sum of G * n^2 over the groups' padded
-    attention / sum of each image's running tokens squared)}.
-    """
-    stats = dict(seconds=dict(embed=0.0, blocks=0.0, repack=0.0, finish=0.0), block_calls=0,
-                 rows_computed=0, rows_running=0, attention_computed=0, attention_running=0)
-    self._run(images, stats)
-    return stats
-
-  def _run(self, images: jax.Array, stats: dict | None) -> AViTOutput:
-    self.model.check_images(images)
-
-    def call(phase, fn, *args):
-      if stats is None:
-        return fn(*args)
-      start = time.perf_counter()
-      out = jax.block_until_ready(fn(*args))
-      stats['seconds'][phase] += time.perf_counter() - start
-      return out
-
-    b, n = images.shape[0], self.tokens
-    group = self.group_size(b)
-    g_rows, g_len = self.granules(group)
-    g_prefix, _ = self.granules(b)
-    rows, layout, results = call('embed', self._embed, self._leaves, images, group)
-    class_output = results.class_output
-    counts = np.zeros(layout.counts.shape[0], np.int64)
-    counts[:b] = n
-    for layer, leaves in enumerate(self._block_leaves):
-      total = int(counts.sum())
-      if total == 0:
-        break  # every token halted
-      for first in range(0, len(counts), group):
-        in_group = counts[first:first + group]
-        if not in_group[0]:
-          break  # images come in decreasing count: the remaining groups are empty
-        window = _round_up(int(in_group.sum()), g_rows, group * n)
-        n_pad = _round_up(int(in_group[0]), g_len, n)
-        rows, class_output = call('blocks', self._group, group, window, n_pad, leaves,
-                                  np.int32(layer), np.int32(first), rows, layout, class_output)
-        if stats is not None:
-          stats['block_calls'] += 1
-          stats['rows_computed'] += window
-          stats['rows_running'] += int(in_group.sum())
-          stats['attention_computed'] += group * n_pad ** 2
-          stats['attention_running'] += int((in_group ** 2).sum())
-      results = dataclasses.replace(results, class_output=class_output)
-      rows, layout, results = call('repack', self._repack, group,
-                                   _round_up(total, g_prefix, b * n), np.int32(layer), rows,
-                                   results)
-      class_output = results.class_output
-      counts = np.asarray(layout.counts)
-    return call('finish', self._finish, self._leaves, results)
+  carry = (rows, layout, results, jnp.zeros((b, d), jnp.float32))
+  _, _, (depths, ponders, scores), class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
+  return removal_output(model, class_logits(model, class_output), depths.reshape(b, n),
+                        ponders.reshape(b, n), scores.reshape(b, depth, n))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from avit_jax.inference import capacity as capacity_lib
-from avit_jax.inference.common import Params, map_chunks
+from avit_jax.inference.common import ParamLeaves, map_chunks
 from avit_jax.models.avit import AViT, AViTOutput
 
 
@@ -20,7 +20,7 @@ def _dense(model, images, chunk_size):
     return model.forward_head(model.forward_features(x))
 
   logits, _ = map_chunks(one, images, chunk_size)
-  b, n, depth = images.shape[0], model.num_patches + 1, model.depth
+  b, n, depth = images.shape[0], model.num_tokens, model.depth
   full = jnp.full((b, n), float(depth), jnp.float32)
   return AViTOutput(logits=logits, token_depth=full, ponder=full,
                     halting_mean=jnp.zeros((depth,), jnp.float32),
@@ -44,7 +44,7 @@ class Predictor:
                capacity: tuple[int, ...] | None = None):
     self.model = model
     self.capacity = capacity
-    params = Params(model)
+    params = ParamLeaves(model)
     fn = {'dense': _dense, 'masked': _masked,
           'capacity': functools.partial(capacity_lib.predict, capacity=capacity)}[mode]
     self._leaves = params.leaves
@@ -52,12 +52,20 @@ class Predictor:
 
   def set_params(self, model: AViT) -> None:
     """Takes the current parameters of `model` (same structure) without recompiling."""
-    self._leaves = Params(model).leaves
+    self._leaves = ParamLeaves(model).leaves
 
   def compiled_count(self) -> int:
     """Programs compiled so far (one per batch shape)."""
     return self._jitted._cache_size()  # pylint: disable=protected-access
 
+  @property
+  def jitted(self):
+    """The jax.jit forward, called as jitted(*arguments(images)) (e.g. for jax.export)."""
+    return self._jitted
+
+  def arguments(self, images) -> tuple:
+    return self._leaves, images
+
   def __call__(self, images: jax.Array) -> AViTOutput:
     self.model.check_images(images)
-    return self._jitted(self._leaves, images)
+    return self._jitted(*self.arguments(images))

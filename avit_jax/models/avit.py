@@ -1,6 +1,6 @@
 """A-ViT: the DeiT backbone run with per-token adaptive halting (fixed-shape masks).
 
-Follows ../shared/AVIT.md "Halting" step by step; with `halting=False` the same module
+Follows docs/algorithm.md "Halting" step by step; with `halting=False` the same module
 is plain DeiT, so baselines, DeiT training and A-ViT share parameters and code.
 """
 
@@ -24,6 +24,8 @@ class AViTOutput:
   ponder: float32 [B, N], rho = depth + remainder at the halting layer.
   halting_mean: float32 [L], mean halting score per layer over images and tokens (prior).
   halting_scores: float32 [B, L, N], each layer's score before the last-layer override.
+  tokens_cut: int32 [B], tokens of each image a token budget halted early (inference mode
+  'capacity'); None where nothing can be cut.
   With halting off: depth = L, ponder = L, halting_mean and halting_scores are zero.
   """
   logits: jax.Array
@@ -31,6 +33,7 @@ class AViTOutput:
   ponder: jax.Array
   halting_mean: jax.Array
   halting_scores: jax.Array
+  tokens_cut: jax.Array | None = None
 
 
 class AViT(VisionTransformer):
@@ -39,48 +42,48 @@ class AViT(VisionTransformer):
   def __init__(self, *, halting: bool, gate_scale: float, gate_center: float, eps: float,
                **backbone):
     super().__init__(**backbone)
-    if gate_scale <= 0:
-      raise ValueError(f'model.gate_scale must be > 0, got {gate_scale}')
-    if not 0.0 < eps < 1.0:
-      raise ValueError(f'model.eps must be in (0, 1), got {eps}')
     self.halting = halting
     self.gate_scale = float(gate_scale)
     self.gate_center = float(gate_center)
     self.eps = float(eps)
 
-  def run_halting(self, x: jax.Array) -> tuple[halting_lib.HaltingState, jax.Array]:
-    """Runs every block with halting on embedded tokens x [B, N, D].
+  def halting_step(self, state: halting_lib.HaltingState, y: jax.Array, layer):
+    """This model's halting step after block `layer` (int, or traced in a loop over layers)."""
+    return halting_lib.layer_step(state, y, layer == self.depth - 1,
+                                  gate_scale=self.gate_scale, gate_center=self.gate_center,
+                                  eps=self.eps)
 
-    Returns the final halting state and the per-layer scores [L, B, N].
+  def run_halting(self, x: jax.Array) -> tuple[halting_lib.HaltingState, jax.Array, jax.Array]:
+    """Runs every block with halting on embedded tokens x [B, N, D] (the masked graph).
+
+    Returns the final halting state, the output accumulator [B, N, D] and the per-layer
+    scores [L, B, N].
     """
     b, n, d = x.shape
-    state = halting_lib.init_state(b, n, d)
+    state = halting_lib.init_state((b, n))
+    output = jnp.zeros((b, n, d), jnp.float32)
     scores = []
-    last = self.depth - 1
     for layer, block in enumerate(self.blocks):
       mask = state.mask
-      x = x * mask[..., None].astype(x.dtype)
-      x = block(x, mask=mask)
-      h = halting_lib.halting_score(x, self.gate_scale, self.gate_center)
-      scores.append(h)
-      if layer == last:  # static Python index: the last layer halts everything
-        h = jnp.ones_like(h)
-      state = halting_lib.update(state, x, h, self.eps)
-    return state, jnp.stack(scores)
+      x = block(x * mask[..., None].astype(x.dtype), mask=mask)
+      state, weight, score = self.halting_step(state, x, layer)
+      output = halting_lib.accumulate(output, x, weight)
+      scores.append(score)
+    return state, output, jnp.stack(scores)
 
   def __call__(self, images: jax.Array) -> AViTOutput:
     """images: float [B, H, W, C], normalised, NHWC."""
     self.check_images(images)
     b = images.shape[0]
-    n, depth = self.num_patches + 1, self.depth
+    n, depth = self.num_tokens, self.depth
     if not self.halting:
       logits = self.forward_head(self.forward_features(images))
       full = jnp.full((b, n), float(depth), jnp.float32)
       return AViTOutput(logits=logits, token_depth=full, ponder=full,
                         halting_mean=jnp.zeros((depth,), jnp.float32),
                         halting_scores=jnp.zeros((b, depth, n), jnp.float32))
-    state, scores = self.run_halting(self.embed(images))
-    features = self.norm(state.output.astype(self.dtype))
+    state, output, scores = self.run_halting(self.embed(images))
+    features = self.norm(output.astype(self.dtype))
     return AViTOutput(
         logits=self.forward_head(features),
         token_depth=state.depth,

@@ -48,8 +48,6 @@ class Attention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, *, attn_drop: float, proj_drop: float, dtype,
                rngs: nnx.Rngs):
-    if dim % heads:
-      raise ValueError(f'width {dim} is not divisible by the number of heads {heads}')
     self.heads = heads
     self.scale = (dim // heads) ** -0.5
     self.qkv = _linear(dim, 3 * dim, dtype, rngs)
@@ -64,8 +62,7 @@ class Attention(nnx.Module):
   def attend(self, qkv: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     """The attention between the qkv and output projections: qkv [B, N, 3D] -> [B, N, D].
 
-    Separate so that token-packed inference (inference/compact.py) runs qkv / proj on packed rows
-    and only this part per image.
+    Separate from __call__ so that every way of running the block shares this one core.
     """
     b, n, d3 = qkv.shape
     d = d3 // 3
@@ -75,9 +72,12 @@ class Attention(nnx.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]
     logits = jnp.einsum('bhqd,bhkd->bhqk', q * self.scale, k)
     if key_mask is not None:
-      # A removed key gets exactly zero weight, as if it were not in the sequence.
-      keep = key_mask.astype(bool)[:, None, None, :]
-      logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+      # A removed key gets exactly zero weight, as if it were not in the sequence: exp of
+      # (the most negative float + a logit) underflows to 0. Added rather than selected,
+      # which XLA on CPU fuses into the attention matmuls (a select costs 1.7x the
+      # attention). A row with every key removed stays finite (uniform weights).
+      bias = jnp.where(key_mask.astype(bool), 0.0, jnp.finfo(logits.dtype).min)
+      logits = logits + bias[:, None, None, :].astype(logits.dtype)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     weights = self.attn_drop(weights)
     out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
@@ -98,7 +98,14 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm transformer block; `mask` (A-ViT) zeroes halted tokens around the norms."""
+  """Pre-LayerNorm transformer block: an attention and an MLP residual branch.
+
+  `mask` (A-ViT's masked training graph) zeroes halted tokens around both LayerNorms and
+  removes them as attention keys; `key_mask` alone removes keys only (the padding of token
+  removal, whose rows are never read back). The two branches are methods of their own so
+  that token removal can run them on different layouts (the attention branch per image,
+  the MLP on the running tokens of the whole batch); `__call__` is their composition.
+  """
 
   def __init__(self, dim: int, heads: int, *, mlp_ratio: float, drop: float, attn_drop: float,
                drop_path: float, dtype, rngs: nnx.Rngs):
@@ -109,13 +116,37 @@ class Block(nnx.Module):
     # Stochastic depth: dropping whole samples is dropout broadcast over tokens and width.
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x: [B, N, D]; mask: float [B, N] (1 active, 0 halted) or None for plain DeiT."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               key_mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, N, D]; mask: float [B, N] (1 active, 0 halted) or None for plain DeiT;
+    key_mask: bool/float [B, N], keys to keep when `mask` is None."""
+    return self.mlp_branch(self.attention_branch(x, mask, key_mask=key_mask), mask)
+
+  def attention_branch(self, x: jax.Array, mask: jax.Array | None = None, *,
+                       key_mask: jax.Array | None = None) -> jax.Array:
+    """x + attention(norm1(x)): [B, N, D] -> [B, N, D] (see the class doc for the masks)."""
+    qkv = self.qkv(x, mask)
+    attended = self.attn.attend(qkv, mask if mask is not None else key_mask)
+    return self.attention_output(x, attended, mask)
+
+  def qkv(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """The queries, keys and values of norm1(x): token-wise, [..., D] -> [..., 3D]."""
     if mask is None:
-      x = x + self.drop_path(self.attn(self.norm1(x)))
+      return self.attn.qkv(self.norm1(x))
+    m = mask[..., None].astype(x.dtype)
+    return self.attn.qkv(self.norm1(x * m) * m)
+
+  def attention_output(self, x: jax.Array, attended: jax.Array,
+                       mask: jax.Array | None = None) -> jax.Array:
+    """x + the output projection of the attended values [..., D]: token-wise."""
+    del mask  # the attended values of a halted token are dropped by the caller
+    return x + self.drop_path(self.attn.proj_drop(self.attn.proj(attended)))
+
+  def mlp_branch(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x + mlp(norm2(x)): token-wise, so in eval mode x may be any [..., D] (packed rows)."""
+    if mask is None:
       return x + self.drop_path(self.mlp(self.norm2(x)))
     m = mask[..., None].astype(x.dtype)
-    x = x + self.drop_path(self.attn(self.norm1(x * m) * m, key_mask=mask))
     return x + self.drop_path(self.mlp(self.norm2(x * m) * m))
 
 
@@ -125,8 +156,6 @@ class VisionTransformer(nnx.Module):
   def __init__(self, *, image_size: int, patch: int, in_chans: int, dim: int, depth: int,
                heads: int, mlp_ratio: float, num_classes: int, drop_rate: float,
                attn_drop_rate: float, drop_path_rate: float, dtype, rngs: nnx.Rngs):
-    if image_size % patch:
-      raise ValueError(f'patch size {patch} does not divide image size {image_size}')
     self.image_size = image_size
     self.in_chans = in_chans
     self.dtype = dtype
@@ -134,7 +163,7 @@ class VisionTransformer(nnx.Module):
     self.patch_embed = PatchEmbed(patch, in_chans, dim, dtype=dtype, rngs=rngs)
     key = rngs.params()
     self.cls_token = nnx.Param(1e-6 * jax.random.normal(key, (1, 1, dim), jnp.float32))
-    self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.num_patches + 1, dim),
+    self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.num_tokens, dim),
                                              jnp.float32))
     self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
     # Linearly increasing drop-path rate over depth, as in timm.
@@ -148,6 +177,11 @@ class VisionTransformer(nnx.Module):
   @property
   def depth(self) -> int:
     return len(self.blocks)
+
+  @property
+  def num_tokens(self) -> int:
+    """N: the class token and one token per patch."""
+    return self.num_patches + 1
 
   def check_images(self, images: jax.Array) -> None:
     """Raises ValueError unless images is float [B, S, S, C] for this model."""

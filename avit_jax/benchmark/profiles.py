@@ -28,7 +28,7 @@ from flax import nnx
 from avit_jax import flops, models
 from avit_jax.models.avit import AViT
 
-# Published mean compute of A-ViT over DeiT on ImageNet-1K val (AVIT.md "Published results").
+# Published mean compute of A-ViT over DeiT on ImageNet-1K val (docs/algorithm.md).
 PUBLISHED_FRACTION = {'tiny': 0.8 / 1.3, 'small': 3.6 / 4.6}
 # Published gate constants (gamma, beta).
 PUBLISHED_GATE = {'tiny': (10.0, 30.0), 'small': (10.0, 75.0)}

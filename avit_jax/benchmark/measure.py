@@ -1,5 +1,5 @@
-"""Timing: modes round-robin in one process, the PyTorch peer in a child process, and one
-training step of masked A-ViT against dense DeiT."""
+"""What the benchmark measures: throughput round-robin, batch-1 latency, the first batch's
+compile time, host reads per forward, the PyTorch peer and one training step."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ import numpy as np
 from flax import nnx
 
 from avit_jax import losses, models
+
+
+def first_call_seconds(fn, *args) -> float:
+  """Wall seconds of the first call (tracing, compilation and one run)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
 
 
 def time_round_robin(fns: dict, reps: int, cpu: dict | None = None) -> dict:
@@ -37,6 +44,44 @@ def time_round_robin(fns: dict, reps: int, cpu: dict | None = None) -> dict:
   if cpu is not None:
     cpu.update({name: float(np.median(t)) for name, t in cpu_times.items()})
   return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def latency(predictors: dict, images: np.ndarray, reps: int) -> dict:
+  """Batch-1 latency of each predictor over the images, one image at a time, the modes in
+  turns for each image: {mode: {'median_ms', 'p90_ms', 'samples'}}."""
+  singles = [jnp.asarray(images[i:i + 1]) for i in range(len(images))]
+  for predict in predictors.values():
+    jax.block_until_ready(predict(singles[0]))
+  samples = {mode: [] for mode in predictors}
+  for _ in range(reps):
+    for x in singles:
+      for mode, predict in predictors.items():
+        start = time.perf_counter()
+        jax.block_until_ready(predict(x))
+        samples[mode].append(time.perf_counter() - start)
+  return {mode: dict(median_ms=1e3 * float(np.median(s)), p90_ms=1e3 * float(np.percentile(s, 90)),
+                     samples=len(s)) for mode, s in samples.items()}
+
+
+def host_reads_per_forward(predict, images) -> int | None:
+  """0 when the whole forward traces as one jax program (a value read back to the host
+  during a forward cannot be traced) with no host callback in it; None otherwise."""
+  try:
+    jaxpr = jax.make_jaxpr(predict)(images)
+  except jax.errors.ConcretizationTypeError:
+    return None
+  return None if any('callback' in e.primitive.name for e in _equations(jaxpr.jaxpr)) else 0
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (loops, conditionals, calls) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, 'jaxpr', None)
+        if inner is not None:
+          yield from _equations(getattr(inner, 'jaxpr', inner))
 
 
 _TORCH_SCRIPT = r"""
@@ -74,11 +119,8 @@ def torch_peer_seconds(model_config, batch_sizes, reps: int, threads: int = 2) -
   Runs in a child process: PyTorch's OpenMP threads keep spinning after each call and
   would slow down XLA running next to them in the same process (and the reverse).
   """
-  try:
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    if any(importlib.util.find_spec(m) is None for m in ('torch', 'transformers')):
-      return None
-  except ValueError:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  if any(importlib.util.find_spec(m) is None for m in ('torch', 'transformers')):
     return None
   arg = json.dumps([model_config.to_dict(), list(batch_sizes), reps, threads])
   proc = subprocess.run([sys.executable, '-c', _TORCH_SCRIPT, arg], capture_output=True,
@@ -96,7 +138,7 @@ def train_step_times(model_config, batch: int, reps: int, seed: int = 0) -> dict
   images = jnp.asarray(rng.normal(size=(batch, c.image_size, c.image_size, c.in_chans)),
                        jnp.float32)
   labels = jnp.asarray(rng.integers(0, c.num_classes, size=batch))
-  targets = losses.smooth_labels(labels, c.num_classes, 0.1)
+  targets = jax.nn.one_hot(labels, c.num_classes) * 0.9 + 0.1 / c.num_classes
   prior = losses.prior_target(c.depth, min(8, c.depth), 1.0)
   fns = {}
   for name, halting in (('dense DeiT', False), ('masked A-ViT', True)):

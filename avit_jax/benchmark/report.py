@@ -1,0 +1,91 @@
+"""The benchmark's tables: text for the terminal, Markdown for the README."""
+
+from __future__ import annotations
+
+import platform
+
+import jax
+
+PEER = 'PyTorch (transformers ViT)'
+
+
+def machine() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    cpu = f'{names[0]} x{len(names)}' if names else cpu
+  except OSError:
+    pass
+  devices = ', '.join(sorted({d.device_kind for d in jax.devices()}))
+  return f'{cpu}; jax {jax.__version__} on {jax.default_backend()} ({devices})'
+
+
+def _reads(r) -> str:
+  return '-' if r.get('host_reads') is None else str(r['host_reads'])
+
+
+def _compile(r) -> str:
+  return f'{r["compile_s"]:.1f} s ({r["compile_vs_dense"]:.1f}x)'
+
+
+def format_table(rows: list[dict]) -> str:
+  head = (f'{"model":<24}{"mode":<10}{"batch":>6}{"img/s":>9}{"ms/batch":>10}{"GFLOPs/img":>11}'
+          f'{"speed-up":>9}{"ideal":>7}{"effic.":>7}{"compile":>15}{"reads":>6}')
+  lines = [head]
+  for r in rows:
+    lines.append(f'{r["model"]:<24}{r["mode"]:<10}{r["batch"]:>6}{r["images_per_s"]:>9.1f}'
+                 f'{r["ms_per_batch"]:>10.1f}{r["gflops_per_image"]:>11.3f}{r["speed_up"]:>9.2f}'
+                 f'{r["ideal_speed_up"]:>7.2f}{r["efficiency"]:>7.2f}'
+                 f'{_compile(r) if "compile_s" in r else "-":>15}{_reads(r):>6}')
+  return '\n'.join(lines)
+
+
+def format_latency(latency: list[dict]) -> str:
+  lines = [f'{"model":<24}{"mode":<10}{"median ms":>10}{"p90 ms":>9}{"speed-up":>9}{"ideal":>7}']
+  for r in latency:
+    lines.append(f'{r["model"]:<24}{r["mode"]:<10}{r["median_ms"]:>10.2f}{r["p90_ms"]:>9.2f}'
+                 f'{r["speed_up"]:>9.2f}{r["ideal_speed_up"]:>7.2f}')
+  return '\n'.join(lines)
+
+
+def format_work(rows: list[dict]) -> str:
+  """Compact's computed work against what the halting needs, per batch (all layers)."""
+  lines = []
+  for r in rows:
+    if r['mode'] == 'compact':
+      w = r['work']
+      lines.append(f'# {r["model"]} batch {r["batch"]}, compact ({w["layout"]} layout): MLP rows '
+                   f'computed / running {w["rows_rounding"]:.3f}, attention rows '
+                   f'{w["attention_rows_padding"]:.3f}, attention (sum of n^2) '
+                   f'{w["attention_padding"]:.3f}')
+  return '\n'.join(lines)
+
+
+def format_markdown(result: dict) -> str:
+  """One throughput and one latency table per model (the README's), then compact's work."""
+  out = []
+  for model in dict.fromkeys(r['model'] for r in result['rows']):
+    mine = [r for r in result['rows'] if r['model'] == model]
+    out += [f'{model}:', '',
+            '| batch | mode | img/s | ms/batch | GFLOPs/img | speed-up | ideal | efficiency '
+            '| first-batch compile | host reads |', '|---|---|---|---|---|---|---|---|---|---|']
+    out += [f'| {r["batch"]} | {PEER if r["mode"] == "pytorch" else r["mode"]} | '
+            f'{r["images_per_s"]:.1f} | {r["ms_per_batch"]:.1f} | {r["gflops_per_image"]:.3f} | '
+            f'{r["speed_up"]:.2f} | {r["ideal_speed_up"]:.2f} | {r["efficiency"]:.2f} | '
+            f'{_compile(r) if "compile_s" in r else "-"} | {_reads(r)} |' for r in mine]
+    lat = [r for r in result.get('latency', []) if r['model'] == model]
+    if lat:
+      out += ['', f'Batch-1 latency over {lat[0]["images"]} images:', '',
+              '| mode | median ms | p90 ms | speed-up (median) | ideal |', '|---|---|---|---|---|']
+      out += [f'| {r["mode"]} | {r["median_ms"]:.2f} | {r["p90_ms"]:.2f} | {r["speed_up"]:.2f} | '
+              f'{r["ideal_speed_up"]:.2f} |' for r in lat]
+    work = [r for r in mine if r['mode'] == 'compact']
+    if work:
+      out += ['', '| batch | layout | MLP rows computed / running | attention rows | attention '
+              '(n^2) |', '|---|---|---|---|---|']
+      out += [f'| {r["batch"]} | {r["work"]["layout"]} | {r["work"]["rows_rounding"]:.3f} | '
+              f'{r["work"]["attention_rows_padding"]:.3f} | {r["work"]["attention_padding"]:.3f} |'
+              for r in work]
+    out.append('')
+  return '\n'.join(out)
