@@ -142,6 +142,36 @@ def layer_statistics(token_depth: np.ndarray, halting_scores: np.ndarray) -> dic
               mean_depth=token_depth.mean(-1))
 
 
+def content_depths(display_images: np.ndarray, token_depth: np.ndarray, *,
+                   on: float = 0.1, background: float = 0.05, foreground: float = 0.5) -> dict:
+  """How deep the patches of the object and of the background run.
+
+  display_images: [B, H, W, C] in [0, 1] (first channel used); token_depth: [B, N], the
+  class token first. A patch's pixels are 'on' above `on`; background patches have at most
+  `background` of them on, object patches more than `foreground`. Returns the mean depth of
+  each kind, their ratio (background / object: below 1 when the background halts first), the
+  counts, and the correlation of patch depth with patch brightness.
+  """
+  images = np.asarray(display_images, np.float32)[..., 0]
+  depth = np.asarray(token_depth, np.float32)[:, 1:]
+  b, h, w = images.shape
+  side = int(round(np.sqrt(depth.shape[1])))
+  p = h // side
+  if side * side != depth.shape[1] or side * p != h or h != w:
+    raise ValueError(f'expected square images whose patches match the tokens, got images '
+                     f'{images.shape} and {depth.shape[1]} patch tokens')
+  patches = images.reshape(b, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(b, side * side, -1)
+  lit = (patches > on).mean(-1)
+  brightness = patches.mean(-1)
+  back, front = lit <= background, lit > foreground
+  mean = lambda mask: float(depth[mask].mean()) if mask.any() else float('nan')  # noqa: E731
+  corr = np.corrcoef(depth.ravel(), brightness.ravel())[0, 1] if depth.std() > 0 else 0.0
+  return dict(background_depth=mean(back), object_depth=mean(front),
+              ratio=mean(back) / mean(front) if front.any() else float('nan'),
+              background_patches=int(back.sum()), object_patches=int(front.sum()),
+              brightness_correlation=float(corr))
+
+
 def active_tokens_figure(active_fraction: np.ndarray) -> Figure:
   """Fraction of tokens still running per layer: mean over images, 10-90 % band, min-max.
 
@@ -171,7 +201,8 @@ def halting_figure(halting_scores: np.ndarray, token_depth: np.ndarray,
   """Left: each layer's halting scores of the tokens that ran it (box plot).
 
   Right: the prior's view, D[l] = H[l] / sum(H) with H the mean score over all images and
-  tokens, against the target T[l] (not a distribution: its sum is above 1) when given.
+  tokens, against the target on the same scale, T[l] / sum(T), when given (T itself is not
+  a distribution: its sum is above 1, about 3.2 for the published prior).
   halting_scores: [B, L, N]; token_depth: [B, N]; prior_target: [L] or None.
   """
   scores = np.asarray(halting_scores, np.float32)
@@ -195,7 +226,8 @@ def halting_figure(halting_scores: np.ndarray, token_depth: np.ndarray,
   right.bar(layers, stats['halting_distribution'], color='C1', alpha=0.7,
             label='model: H / sum(H)')
   if prior_target is not None:
-    right.plot(layers, np.asarray(prior_target), 'k.-', label='prior target T')
+    target = np.asarray(prior_target, np.float64)
+    right.plot(layers, target / target.sum(), 'k.-', label='prior target: T / sum(T)')
   right.set_xticks(layers)
   right.set_xlabel('layer')
   right.set_ylabel('share of halting')

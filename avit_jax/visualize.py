@@ -234,6 +234,11 @@ def write_figures(outputs: Mapping[str, np.ndarray], display_images: np.ndarray,
         class_names=class_names)
   for name, fig in figures.items():
     written.append(plots.save(fig, os.path.join(out_dir, name)))
+  if display_images.shape[1] == display_images.shape[2]:
+    path = os.path.join(out_dir, 'content_depth.json')
+    with open(path, 'w') as f:
+      json.dump(plots.content_depths(display_images, token_depth), f, indent=2)
+    written.append(path)
 
   arrays = dict(token_depth=token_depth, halting_scores=scores, names=np.asarray(names),
                 mean_depth=stats['mean_depth'], active_fraction=stats['active_fraction'])

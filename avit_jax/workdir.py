@@ -19,6 +19,9 @@ RUN_CONTROL_FIELDS = frozenset({
     'mode', 'num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_checkpoint', 'write_depth_maps',
     'num_eval_images', 'eval_batch_size', 'skip_nonfinite_steps', 'init_from'})
+# Fields an evaluation may change on a trained model: the accuracy-compute dial (a gate
+# centre or eps shifted at inference, docs/inference.md), not a different experiment.
+INFERENCE_DIALS = frozenset({'model.gate_center', 'model.eps'})
 
 
 class WorkdirError(RuntimeError):
@@ -36,12 +39,13 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Fields (dotted) whose values differ, ignoring run-control fields."""
+def config_differences(saved: dict, current: dict, ignore=frozenset()) -> list[str]:
+  """Fields (dotted) whose values differ, ignoring run-control fields and `ignore`."""
   a, b = config_lib.flatten(saved), config_lib.flatten(current)
   names = sorted(set(a) | set(b))
   return [f'{n}: workdir has {a.get(n, "<absent>")!r}, this run has {b.get(n, "<absent>")!r}'
-          for n in names if n.split('.')[0] not in RUN_CONTROL_FIELDS and a.get(n) != b.get(n)]
+          for n in names if n.split('.')[0] not in RUN_CONTROL_FIELDS and n not in ignore
+          and a.get(n) != b.get(n)]
 
 
 def _has_checkpoint(directory: str) -> bool:
@@ -81,16 +85,18 @@ class Workdir:
     self._lock.flush()
     self.config_path = os.path.join(self.path, CONFIG_FILE)
     current = json.loads(config.to_json_best_effort())
+    evaluating = config.get('mode') == 'eval'
     if os.path.exists(self.config_path) and _has_checkpoint(os.path.join(self.path, 'checkpoints')):
       with open(self.config_path) as f:
         saved = json.load(f)
-      diffs = config_differences(saved, current)
+      diffs = config_differences(saved, current, INFERENCE_DIALS if evaluating else frozenset())
       if diffs:
         self.close()
         raise WorkdirError(f'workdir {self.path} holds a run with a different config:\n  '
                            + '\n  '.join(diffs) + '\nuse a new --workdir, or the same config '
                            'to resume that run')
-    if is_chief:
+    # An evaluation leaves the run's config as its training wrote it.
+    if is_chief and not (evaluating and os.path.exists(self.config_path)):
       write_json(self.config_path, current)
 
   def close(self) -> None:

@@ -23,6 +23,10 @@ def test_rows_are_consistent():
   for r in rows:
     np.testing.assert_allclose(r['images_per_s'] * r['ms_per_batch'] / 1e3, r['batch'])
     np.testing.assert_allclose(r['efficiency'], r['speed_up'] / r['ideal_speed_up'])
+    dense_cpu = next(d['cpu_ms_per_batch'] for d in rows
+                     if d['batch'] == r['batch'] and d['mode'] == 'dense')
+    np.testing.assert_allclose(r['cpu_efficiency'],
+                               dense_cpu / r['cpu_ms_per_batch'] / r['ideal_speed_up'])
     if r['mode'] in ('dense', 'pytorch'):
       assert r['gflops_per_image'] == dense and r['ideal_speed_up'] == 1.0
     else:

@@ -119,7 +119,7 @@ def test_write_run_figures_files_sizes_and_arrays(tmp_path, tiny):
   assert names == sorted([
       'depth_maps/000_eval0.png', 'depth_maps/001_eval1.png', 'depth_maps/002_eval2.png',
       'depth_maps_grid.png', 'active_tokens_per_layer.png', 'halting_per_layer.png', 'token_depth_histogram.png',
-      'mean_depth_histogram.png', 'easiest_hardest.png', 'depths.npz'])
+      'mean_depth_histogram.png', 'easiest_hardest.png', 'depths.npz', 'content_depth.json'])
   sizes = {n: _png_size(tmp_path / n) for n in names if n.endswith('.png')}
   assert sizes['depth_maps/000_eval0.png'] == (900, 320)
   assert sizes['active_tokens_per_layer.png'] == (600, 400)
@@ -133,6 +133,21 @@ def test_write_run_figures_files_sizes_and_arrays(tmp_path, tiny):
   np.testing.assert_array_equal(saved['token_depth'], token_depth)
   np.testing.assert_allclose(saved['mean_depth'], token_depth.mean(-1), rtol=1e-6)
   np.testing.assert_array_equal(saved['labels'], labels)
+
+
+def test_content_depths_by_hand():
+  """Two 8x8 images in 4x4 patches: a patch is background with <= 5% of its pixels above 0.1,
+  object with more than half; depth 1 on the object, 3 on the background."""
+  images = np.zeros((2, 8, 8, 3), np.float32)
+  images[0, :4, :4] = 1.0                       # patch 0 of image 0: object
+  images[1, 4:, 4:] = 0.5                       # patch 3 of image 1: object
+  images[1, 0, 0] = 1.0                         # patch 0 of image 1: 1/16 on: neither kind
+  token_depth = np.array([[6, 1, 3, 3, 3], [6, 2, 3, 3, 1]], np.float32)  # class token first
+  stats = plots.content_depths(images, token_depth)
+  assert (stats['object_patches'], stats['background_patches']) == (2, 5)
+  assert stats['object_depth'] == 1.0 and stats['background_depth'] == 3.0
+  np.testing.assert_allclose(stats['ratio'], 3.0)
+  assert stats['brightness_correlation'] < -0.8  # bright patches run shallow here
 
 
 def test_layer_plots_draw_the_statistics(tiny):
@@ -149,7 +164,10 @@ def test_layer_plots_draw_the_statistics(tiny):
   bars = [p.get_height() for p in fig.axes[1].patches]
   h = scores.mean(axis=(0, 2))
   np.testing.assert_allclose(bars, h / h.sum(), rtol=1e-5)
-  np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_ydata(), target, rtol=1e-6)
+  # Model and target on the same scale: both shares that sum to 1 (T itself need not).
+  line = fig.axes[1].get_lines()[0].get_ydata()
+  np.testing.assert_allclose(line, target / np.sum(target), rtol=1e-6)
+  np.testing.assert_allclose(np.sum(line), np.sum(bars), rtol=1e-5)
 
   fig = plots.depth_histogram_figure(token_depth, 4)
   counts = [p.get_height() for p in fig.axes[0].patches]
@@ -199,7 +217,8 @@ def test_cli_on_image_files_draws_the_model_depth(tmp_path):
   out = tmp_path / 'figs'
   written = visualize.main(['--checkpoint', str(tmp_path / 'work'), '--images', *files,
                             '--out', str(out)])
-  assert len(written) == 3 + 6 + 2  # maps, grid + 5 plots, depths.npz, summary.json
+  # maps, grid + 5 plots, depths.npz, content_depth.json, summary.json
+  assert len(written) == 3 + 6 + 3
   assert _png_size(out / 'depth_maps' / '001_img_1.png') == (900, 320)
   saved = np.load(out / 'depths.npz')
   assert list(saved['names']) == ['img 0', 'img 1', 'img 2']

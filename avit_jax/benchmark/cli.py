@@ -45,6 +45,7 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
                  gflops_per_image=used if exact else dense_gflops,
                  ideal_speed_up=dense_gflops / used if exact else 1.0)
       row['efficiency'] = row['speed_up'] / row['ideal_speed_up']
+      row['cpu_efficiency'] = cpu['dense'] / cpu[mode] / row['ideal_speed_up']
       if mode in predictors:
         row['compile_s'] = first[mode] - s
         row['compile_vs_dense'] = row['compile_s'] / dense_compile

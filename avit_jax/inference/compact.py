@@ -77,16 +77,10 @@ def _select(bucket, sizes, make_fn, carry, *, copy_bytes: int = 1 << 20):
 
 def _run_if(condition, fn, carry):
   """fn(carry) if condition else carry, as a loop of 0 or 1 trips: unlike lax.cond, a loop
-  updates its carry in place."""
+  updates its carry in place. fn must compute from its carry: XLA hoists work that only
+  reads values from outside a loop out of it, and would run it whatever the condition."""
 
-  def body(i, carry):
-    # Tied to the trip counter: a body that reads only values the loop passes through
-    # unchanged is loop-invariant, and XLA would hoist it out, running it whatever the
-    # condition.
-    _, carry = jax.lax.optimization_barrier((i, carry))
-    return fn(carry)
-
-  return jax.lax.fori_loop(0, condition.astype(jnp.int32), body, carry)
+  return jax.lax.fori_loop(0, condition.astype(jnp.int32), lambda _, c: fn(c), carry)
 
 
 @dataclasses.dataclass(frozen=True)

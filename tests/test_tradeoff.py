@@ -1,0 +1,65 @@
+"""The accuracy-compute dial of a trained model: gate-centre shifts at inference, on a short run."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from avit_jax import inference, train, tradeoff
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, fashion_mnist_dir):
+  workdir = str(tmp_path_factory.mktemp('tradeoff'))
+  config = tiny_config(**{'data.data_dir': fashion_mnist_dir, 'num_eval_images': 128})
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    return workdir, config, json.load(f)
+
+
+def test_shifts_reproduce_then_move_the_halting(run, tmp_path):
+  workdir, config, trained = run
+  result = tradeoff.main(['--checkpoint', workdir, '--out', str(tmp_path),
+                          '--shifts=-1000,-1,0,1,10000', '--timing-batch', '16', '--reps', '1'])
+  rows = result['rows']
+  zero = rows[2]
+  # Shift 0 is the trained model: the metrics its run wrote.
+  np.testing.assert_allclose(zero['top1'], trained['top1'], atol=1e-6)
+  np.testing.assert_allclose(zero['gflops_per_image'], trained['gflops_per_image'], rtol=1e-5)
+  # Compute grows with the shift; a huge early shift stops every token after layer 1, a
+  # huge late one runs every token through every layer.
+  gflops = [r['gflops_per_image'] for r in rows]
+  assert gflops == sorted(gflops)
+  assert rows[0]['mean_token_depth'] == 1.0
+  assert rows[-1]['mean_token_depth'] == config.model.depth
+  np.testing.assert_allclose(rows[-1]['compute_fraction'], 1.0, rtol=1e-6)
+  assert all(r['images_per_s'] > 0 for r in rows)
+  for name in ('tradeoff.json', 'tradeoff.md', 'tradeoff.png'):
+    assert os.path.getsize(tmp_path / name) > 0
+  assert '| +0 |' in (tmp_path / 'tradeoff.md').read_text()
+
+
+def test_late_shift_gives_plain_deit_logits(run):
+  """No score crosses before the last layer: the output is plain DeiT on the same weights."""
+  workdir, config, _ = run
+  model = tradeoff.load_model(workdir, tradeoff.shifted(config.model, 1e4))
+  images = jnp.asarray(tradeoff._first_images(config, 8))  # pylint: disable=protected-access
+  late = inference.make_predict_fn(model, 'masked')(images)
+  dense = inference.make_predict_fn(model, 'dense')(images)
+  np.testing.assert_allclose(late.logits, dense.logits, atol=1e-5)
+  np.testing.assert_array_equal(late.token_depth, config.model.depth)
+
+
+def test_eval_mode_takes_a_shifted_gate_centre_and_keeps_the_run_config(run, tmp_path):
+  workdir, config, _ = run
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = f.read()
+  eval_config = tiny_config(**{'data.data_dir': config.data.data_dir, 'num_eval_images': 128,
+                               'mode': 'eval', 'model.gate_center': config.model.gate_center + 2})
+  metrics = train.train_and_evaluate(eval_config, workdir)
+  assert metrics['gflops_per_image'] > 0
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == saved
