@@ -375,9 +375,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         batch = sharding.global_batch(next(batches), program.mesh)
         state, metrics = program.train_step(state, batch)
         done = step + 1
+        # Read the SIGTERM flag once: a signal landing between two reads must not stop the
+        # run without the checkpoint of its last step.
+        preempted = preemption.requested
         log_now = done % config.log_every_steps == 0 or done == total
         eval_now = done % eval_every == 0 or done == total
-        save_now = eval_now or done % config.checkpoint_every_steps == 0 or preemption.requested
+        save_now = eval_now or done % config.checkpoint_every_steps == 0 or preempted
         if log_now or save_now:  # nothing is logged or saved from a non-finite step
           reported = check_finite(state, config, reported, manager)
         if log_now:
@@ -395,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if save_now:
           save_checkpoint(manager, state, config, program.steps_per_epoch,
                           last_eval if eval_now else None)
-        if preemption.requested:
+        if preempted:
           manager.wait()
           logging.warning('stopped at step %d; rerun the same command to resume', done)
           raise Preempted(f'SIGTERM: stopped at step {done} after writing checkpoint '

@@ -223,7 +223,7 @@ def test_sigterm_writes_a_checkpoint_and_the_restart_loses_no_step(tmp_path, env
   run.kill(signal.SIGTERM)
   assert run.finish() == 143, f'{note}\n{run.output[-4000:]}'  # 128 + SIGTERM: unfinished
   done = max(run.steps())
-  # Usually a step or two after term_at; TOTAL_STEPS if the signal landed in the final eval.
+  # Usually a step or two after term_at: the flag is read once per step, after it trained.
   assert term_at <= done <= TOTAL_STEPS, note
   assert f'stopped at step {done}; rerun the same command to resume' in run.output, note
   # The last step it trained is checkpointed, even off the every-2-steps schedule.
@@ -316,6 +316,29 @@ def test_skip_nonfinite_steps_skips_counts_and_resumes_the_count(tmp_path, monke
     assert json.load(f)['nonfinite_steps'] == 1
   for value in _params(workdir, 8).values():
     assert np.isfinite(value).all()
+
+
+def test_sigterm_between_any_two_reads_still_checkpoints_the_last_step(tmp_path, monkeypatch,
+                                                                      fashion_mnist_dir):
+  """However the signal falls against the loop's reads of the flag, the step the run stops
+  at is checkpointed: here the flag turns true at its 4th read, off the checkpoint schedule."""
+  reads = []
+
+  class FlagTrueFromFourthRead:  # stands in for train._Preemption (no signal handler)
+    @property
+    def requested(self):
+      reads.append(len(reads) + 1)
+      return len(reads) >= 4
+
+    def restore(self):
+      pass
+  monkeypatch.setattr(train, '_Preemption', FlagTrueFromFourthRead)
+  workdir = str(tmp_path / 'run')
+  config = _nan_config(fashion_mnist_dir, checkpoint_every_steps=1000)
+  with pytest.raises(train.Preempted) as stopped:
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  step = int(re.search(r'stopped at step (\d+)', str(stopped.value))[1])
+  assert _complete_steps(workdir) == [step]
 
 
 # -- load: a long compact-mode eval ----------------------------------------------------------
