@@ -304,7 +304,7 @@ def test_training_figures_come_from_the_newest_checkpoint(tmp_path, fashion_mnis
   _save_checkpoint(str(tmp_path), models.create(config.model, seed=9), config, 2)
   _save_checkpoint(str(tmp_path), model, config, 5)
   files = visualize.write_training_figures(config, str(tmp_path), count=4)
-  assert len(files) == 4 + 6 + 1  # maps, grid + 5 plots, depths.npz
+  assert len(files) == 4 + 6 + 2  # maps, grid + 5 plots, depths.npz, content_depth.json
   assert all(f.startswith(str(tmp_path / 'figures')) for f in files)
   saved = np.load(tmp_path / 'figures' / 'depths.npz')
   np.testing.assert_array_equal(saved['labels'], [9, 2, 1, 1])  # the first test images
