@@ -21,7 +21,12 @@ def get_config(arg=None):
   config.model.num_classes = 10
   config.model.drop_path_rate = 0.0
   config.model.gate_scale = 10.0
-  config.model.gate_center = 10.0
+  # Gate centre 3 rather than the ImageNet configs' 10-100: trained from scratch, a score
+  # sigmoid(10 * y0 - 10) has a gradient only where channel 0 is already large (bright
+  # patches at initialisation), and the model learnt to halt the garment and run the black
+  # background. At 3 every token can learn, and the background halts first (measured:
+  # background / garment depth 0.26 at 10 epochs, against 2.2 at centre 10).
+  config.model.gate_center = 3.0
 
   config.data.source = 'fashion_mnist'
   config.data.data_dir = '/usr/share/datasets/fashion-mnist'
@@ -43,13 +48,15 @@ def get_config(arg=None):
   config.aug.label_smoothing = 0.1
 
   config.loss.ponder_weight = 5e-4
-  config.loss.prior_weight = 1e-3
+  # A weaker prior than the paper's 1e-3 lets the depths split by content (background near 1
+  # layer, garment near 4) instead of bunching at the target depth: ratio 0.26 vs 0.46.
+  config.loss.prior_weight = 1e-4
   config.loss.prior_target_depth = 4
   config.loss.prior_std = 1.0
 
   config.batch_size = 128
   config.eval_batch_size = 500
-  config.num_epochs = 4
+  config.num_epochs = 10
   config.optimizer.lr = 8e-3  # x 128/512: peak 2e-3
   config.optimizer.warmup_epochs = 0.2
   config.optimizer.weight_decay = 0.05
