@@ -288,8 +288,15 @@ def check_finite(state: TrainState, config: ml_collections.ConfigDict, reported:
   if bad and not config.skip_nonfinite_steps:
     step = int(state.first_nonfinite)
     ce, ponder, prior = (float(v) for v in np.asarray(state.nonfinite_terms))
-    last = manager.latest_step()
-    where = manager.step_dir(last) if last is not None else 'none written yet'
+    # Named only after it verifies: the advice below sends the user to it.
+    good = manager.last_good_step()
+    if good is not None:
+      where = manager.step_dir(good)
+    elif manager.latest_step() is None:
+      where = 'none written yet'
+    else:
+      where = (f'none that verifies (`{checkpoints.VERIFY_COMMAND} '
+               f'{os.path.dirname(manager.directory)}` says why)')
     raise NonFiniteLossError(
         f'non-finite loss or gradient at step {step} (ce={ce:.6g}, ponder={ponder:.6g}, '
         f'prior={prior:.6g}); the step was not applied and no checkpoint was written from it. '
