@@ -179,7 +179,8 @@ def _silence_abandoned_reads() -> None:
   previous = sys.unraisablehook
 
   def hook(unraisable):
-    abandoned = getattr(unraisable.object, '__qualname__', '') == '_read_array_index_and_device_put'
+    name = getattr(unraisable.object, '__qualname__', '')
+    abandoned = name == '_read_array_index_and_device_put'
     late = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
             and str(unraisable.exc_value) == 'Event loop is closed')
     if not (abandoned or late):
@@ -441,9 +442,9 @@ class TrainCheckpoints:
   last `keep` steps and the best by eval top-1; saves asynchronously. Saves record every
   array's checksum; `restore_latest` verifies them and falls back past damaged steps.
 
-  Multi-host: written for one process. With several, every process reads and verifies,
-  process 0 alone moves damaged steps aside, and arrays sharded across processes are
-  checked for dtype and shape only (checkpoint_integrity.py).
+  Multi-host (untested; every run so far is one process): every process reads and
+  verifies, process 0 alone moves damaged steps aside, and arrays sharded across processes
+  are checked for dtype and shape only (checkpoint_integrity.py).
   """
 
   ITEMS = (PARAMS, METADATA, 'opt_state', 'ema_params', 'train')
