@@ -54,13 +54,24 @@ def run_config(directory: str, overrides: Sequence[str] = ()) -> ml_collections.
   return holder.value
 
 
-def load_model(directory: str, model_config: ml_collections.ConfigDict) -> models.AViT:
-  """The newest checkpoint of a workdir (or a step directory) in a model of model_config."""
+def read_checkpoint(directory: str) -> tuple[str, dict]:
+  """(step directory, parameters) of the newest checkpoint of a workdir or of a step
+  directory; read and verified once, however many models are built from it."""
   step_dir = checkpoints.resolve_checkpoint(directory)
-  params, _ = checkpoints.load_params(step_dir)
+  return step_dir, checkpoints.load_params(step_dir)[0]
+
+
+def build_model(step_dir: str, params: dict, model_config: ml_collections.ConfigDict
+                ) -> models.AViT:
+  """A model of model_config holding `params` (read from step_dir)."""
   model = models.create(model_config)
   checkpoints.assign_params(model, params, what=step_dir)
   return model
+
+
+def load_model(directory: str, model_config: ml_collections.ConfigDict) -> models.AViT:
+  """The newest checkpoint of a workdir (or a step directory) in a model of model_config."""
+  return build_model(*read_checkpoint(directory), model_config)
 
 
 def evaluate(model: models.AViT, config: ml_collections.ConfigDict, *, mode: str) -> dict:
@@ -95,10 +106,11 @@ def sweep(directory: str, config: ml_collections.ConfigDict, shifts: Sequence[fl
     raise ValueError(f'{directory} is a plain DeiT (model.halting=False): nothing to shift; '
                      'pass it as --baseline')
   timing_images = _first_images(config, timing_batch)
+  step_dir, params = read_checkpoint(directory)
   rows = []
   for shift in shifts:
     model_config = shifted(config.model, shift)
-    model = load_model(directory, model_config)
+    model = build_model(step_dir, params, model_config)
     metrics = evaluate(model, _with_model(config, model_config), mode='masked')
     speed = images_per_second(model, timing_images, ('dense', 'compact'), reps)
     row = dict(shift=float(shift), gate_center=model_config.gate_center,

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from avit_jax import checkpoint_integrity as integrity  # noqa: E402
+from avit_jax.checkpoints import integrity  # noqa: E402
 from avit_jax import checkpoints, models, optim, train  # noqa: E402
 from configs import fashion_mnist, tiny  # noqa: E402
 

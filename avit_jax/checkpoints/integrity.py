@@ -4,7 +4,7 @@ is read, so a checkpoint whose bytes changed on disk is refused instead of used.
 Orbax stores arrays in OCDBT/zarr chunk files without a checksum of their contents: bytes
 flipped in a chunk load silently as wrong numbers. Here each array of an item (params,
 opt_state, ema_params) gets {crc32, dtype, shape} of the host copy's bytes, kept in the
-checkpoint's JSON `metadata` item under FIELD; the readers in checkpoints.py compare the
+checkpoint's JSON `metadata` item under FIELD; the readers in reading.py compare the
 arrays they restored with it. Functions return lists of problems (strings); raising is the
 caller's business.
 

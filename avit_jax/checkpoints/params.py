@@ -1,0 +1,94 @@
+"""Parameter checkpoints: what avit_jax.convert writes and init_from, evaluation,
+visualisation and the benchmark read (a trainer step directory reads the same way)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from avit_jax.checkpoints import integrity
+from avit_jax.checkpoints.layout import (METADATA, PARAMS, VERIFY_COMMAND, CheckpointError,
+                                         DamagedCheckpointError, is_checkpoint)
+from avit_jax.checkpoints.reading import (host_sharding, read_metadata, restore_item,
+                                          verify_checksums)
+
+
+def save_params(directory: str, params: dict, metadata: dict, *, force: bool = False) -> str:
+  """Writes a parameter checkpoint; refuses to overwrite an existing one unless `force`.
+
+  params: nested dict of arrays; metadata: JSON-serialisable dict (the arrays' checksums
+  are added to it). Returns the directory.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and os.listdir(directory):
+    if not force:
+      raise FileExistsError(f'{directory} exists and is not empty; pass --force to replace it '
+                            'or choose another --out directory')
+  params = jax.tree.map(np.asarray, params)
+  metadata = {**metadata, integrity.FIELD: integrity.checksum_field({PARAMS: params})}
+  # Orbax writes into a temporary directory and renames it on success, so a crash
+  # mid-write never leaves a half-written checkpoint under `directory`.
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(directory, ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        METADATA: ocp.args.JsonSave(metadata),
+    }), force=force)
+  return directory
+
+
+def load_params(directory: str) -> tuple[dict, dict]:
+  """Reads (params, metadata) from a parameter checkpoint or a trainer step directory, after
+  checking the files it reads and the parameters' checksums (DamagedCheckpointError, naming
+  the newest intact step of the workdir when there is one)."""
+  directory = os.path.abspath(directory)
+  if not is_checkpoint(directory):
+    hint = ''
+    if os.path.isdir(os.path.join(directory, 'checkpoints')):
+      hint = (f' It looks like a training workdir: point at one of its steps, e.g. '
+              f'{os.path.join(directory, "checkpoints", "<step>")}.')
+    raise CheckpointError(f'{directory} is not an avit_jax checkpoint (expected a '
+                          f'{PARAMS}/ subdirectory written by avit_jax.convert or the trainer).'
+                          + hint)
+  try:
+    return _read_params(directory)
+  except DamagedCheckpointError as e:
+    raise DamagedCheckpointError(directory, e.problems, _advice(directory)) from e
+
+
+def _read_params(directory: str, *, warn: bool = True) -> tuple[dict, dict]:
+  problems = integrity.json_problems(directory, (PARAMS, METADATA))
+  if problems:
+    raise DamagedCheckpointError(directory, problems)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    restore = lambda args: checkpointer.restore(directory, args)
+    metadata = read_metadata(directory, restore)
+    params = restore_item(directory, restore, PARAMS,
+                           ocp.args.StandardRestore(fallback_sharding=host_sharding()))
+  params = jax.tree.map(np.asarray, params)
+  verify_checksums(directory, metadata, {PARAMS: params}, warn=warn)
+  metadata.pop(integrity.FIELD, None)  # the readers' business only
+  return params, metadata
+
+
+def _advice(directory: str) -> str:
+  """What to do about a damaged checkpoint: another step of its workdir, or rewriting it."""
+  root, name = os.path.split(directory)
+  if not (name.isdigit() and os.path.basename(root) == 'checkpoints'):
+    return (f'Write it again (e.g. `python -m avit_jax.convert ... --force`) or restore it from '
+            f'a copy; `{VERIFY_COMMAND} {directory}` lists what is wrong.')
+  workdir = os.path.dirname(root)
+  for step in sorted((int(n) for n in os.listdir(root) if n.isdigit() and int(n) < int(name)),
+                     reverse=True):
+    try:
+      _read_params(os.path.join(root, str(step)), warn=False)
+    except CheckpointError:
+      continue
+    return (f'The newest earlier step whose parameters verify is {step}: evaluate it with '
+            f'--config.eval_checkpoint={os.path.join(root, str(step))}; a training run on this '
+            f'workdir moves step {name} aside and resumes from the newest intact step. '
+            f'`{VERIFY_COMMAND} {workdir}` checks every step.')
+  return (f'No earlier step of {workdir} has parameters that verify; retrain (a new --workdir) '
+          f'or restore the workdir from a copy. `{VERIFY_COMMAND} {workdir}` checks every step.')

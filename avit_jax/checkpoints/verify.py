@@ -1,0 +1,70 @@
+"""`python -m avit_jax.checkpoints verify DIR`: checks a checkpoint, or every step of a
+training workdir, and says what is wrong with each damaged one."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from avit_jax.checkpoints.layout import CheckpointError, is_checkpoint, PARAMS
+from avit_jax.checkpoints.reading import check_step
+
+
+def _directories_to_check(path: str) -> tuple[list[str], list[str]]:
+  """(checkpoint directories under `path`, notes on entries that are not checked): `path`
+  itself when it is a checkpoint, else every step of a workdir (or of its checkpoints/)."""
+  path = os.path.abspath(path)
+  if is_checkpoint(path):
+    return [path], []
+  root = os.path.join(path, 'checkpoints')
+  if not os.path.isdir(root) and os.path.basename(path) == 'checkpoints':
+    root = path
+  if not os.path.isdir(root):
+    raise CheckpointError(
+        f'{path} is neither a checkpoint (a directory with {PARAMS}/) nor a training workdir '
+        '(a directory with checkpoints/<step>/)')
+  names = sorted(os.listdir(root), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+  steps = [os.path.join(root, n) for n in names if n.isdigit()]
+  notes = [f'{os.path.join(root, n)}: not checked ('
+           + ('moved aside as damaged' if '.corrupt-' in n else 'unfinished write' if
+              '.orbax-checkpoint-tmp' in n else 'not a step directory') + ')'
+           for n in names if not n.isdigit()]
+  if not steps:
+    raise CheckpointError(f'no step directories under {root} (expected e.g. {root}/1000)')
+  return steps, notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`verify DIR`: prints OK or what is wrong for each checkpoint; 1 if any is damaged."""
+  parser = argparse.ArgumentParser(prog='python -m avit_jax.checkpoints',
+                                   description='Checks avit_jax checkpoints.')
+  commands = parser.add_subparsers(dest='command', required=True)
+  verify = commands.add_parser(
+      'verify', help='read every item of a checkpoint and compare each array with the '
+      'checksum recorded when it was saved')
+  verify.add_argument('dir', help='a checkpoint (step directory or parameter checkpoint) or a '
+                      'training workdir (every step is checked)')
+  args = parser.parse_args(argv)
+  try:
+    directories, notes = _directories_to_check(args.dir)
+  except CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  damaged = 0
+  for directory in directories:
+    result = check_step(directory)
+    if not result.ok:
+      damaged += 1
+      print(f'{directory}: DAMAGED\n' + '\n'.join(f'  {p}' for p in result.problems))
+    elif result.arrays_verified:
+      print(f'{directory}: OK ({result.arrays_verified} arrays match their checksums)')
+    else:
+      print(f'{directory}: OK but unverified (written before checksums were recorded: every '
+            'file reads, the values cannot be checked)')
+  for note in notes:
+    print(note)
+  print(f'{len(directories) - damaged} of {len(directories)} checkpoint(s) intact'
+        + (f', {damaged} damaged' if damaged else ''))
+  return 1 if damaged else 0
