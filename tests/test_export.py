@@ -28,7 +28,7 @@ def lowered_platforms(jitted, *args) -> tuple[str, ...]:
 @pytest.mark.parametrize('batch', [1, 6])  # the sequence and the packed layout
 def test_compact_lowers_for_gpu_and_tpu(batch):
   predict = inference.make_predict_fn(varied_model(0), 'compact', chunk_size=0, group=4,
-                                      length_buckets=4, row_buckets=4)
+                                      length_buckets=4, row_chunk=64)
   x = images(batch)
   assert lowered_platforms(predict.jitted, *predict.arguments(x)) == PLATFORMS
 

@@ -43,7 +43,7 @@ def assert_same_answers(reference, out):
 # lengths; 6 and 8 the packed layout in groups of 4 (6: a group padded with empty images; 8:
 # two groups, re-sorted by running tokens after every layer); 8 in groups of 2 with fine buckets.
 @pytest.mark.parametrize('seed,batch,options', [
-    (0, 1, {}), (2, 8, dict(group=4, row_buckets=4)), (5, 6, dict(group=4)),
+    (0, 1, {}), (2, 8, dict(group=4, row_chunk=64)), (5, 6, dict(group=4)),
     pytest.param(1, 3, dict(sequence_batch=4), marks=pytest.mark.slow),
     pytest.param(3, 8, dict(group=2, length_buckets=40), marks=pytest.mark.slow)])
 def test_compact_matches_masked(seed, batch, options):
@@ -168,6 +168,8 @@ def test_bad_arguments():
     inference.make_predict_fn(deit, 'compact')
   with pytest.raises(ValueError, match=r'expected images of shape \[B, 32, 32, 3\]'):
     inference.make_predict_fn(model, 'compact')(jnp.zeros((2, 28, 28, 3)))
+  with pytest.raises(ValueError, match='row_chunk must be a positive multiple of 4, got 30'):
+    inference.make_predict_fn(model, 'compact', row_chunk=30)
 
 
 def test_work_counts_what_the_program_computes():
@@ -177,17 +179,17 @@ def test_work_counts_what_the_program_computes():
   model = varied_model(2)
   x = images(8, 2)
   masked = inference.make_predict_fn(model, 'masked')(x)
-  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, group=4, row_buckets=4,
+  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, group=4, row_chunk=64,
                                       length_buckets=4)
   work = predict.work(masked.token_depth)
   active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))  # [B, L]
   assert sum(work['rows_running']) == active.sum() == np.asarray(masked.token_depth).sum()
   assert sum(work['attention_running']) == (active ** 2).sum()
-  # By hand: 65 tokens; MLP rows in multiples of 136 (8 * 65 / 4 -> multiple of 8), attention
-  # lengths in multiples of 24 (65 / 4 -> multiple of 8), both capped at the full size.
+  # By hand: 65 tokens; MLP rows in steps of 64, then of 16 (a quarter step), so in multiples
+  # of 16; attention lengths in multiples of 24 (65 / 4 -> multiple of 8), capped at 65.
   for layer in range(DEPTH):
     counts = np.sort(active[:, layer])[::-1]
-    assert work['rows_computed'][layer] == min(8 * 65, -(-counts.sum() // 136) * 136)
+    assert work['rows_computed'][layer] == -(-counts.sum() // 16) * 16
     lengths = [min(65, -(-int(g[0]) // 24) * 24) for g in counts.reshape(2, 4) if g[0]]
     assert work['attention_computed'][layer] == sum(4 * n ** 2 for n in lengths)
     assert work['attention_rows_computed'][layer] == sum(4 * n for n in lengths)

@@ -89,15 +89,23 @@ class Plan:
   layout: str                   # 'sequence' or 'packed'
   lengths: tuple[int, ...]      # attention lengths (tokens per image) to pick from
   group: int = 1                # packed: images per attention group
-  rows: tuple[int, ...] = ()    # packed: row counts of the MLP branch to pick from
-  chunk_rows: int = 1 << 30     # packed: rows per MLP matmul at most
+  chunk_rows: int = 1           # packed: rows per step of the MLP branch's loop
 
 
 def default_group(batch: int) -> int:
   """Images per attention group: 2 for small batches, whose images' counts differ a lot,
-  up to 8 for 64 and more, where sorting makes neighbours alike and larger groups run the
-  attention more efficiently (measured on CPU, DeiT-T)."""
-  return min(8, max(2, batch // 8))
+  up to 4 for 64 and more, where sorting makes neighbours alike (measured on CPU, DeiT-T:
+  groups of 8 pad 13% of the attention rows at batch 64, groups of 4 10%)."""
+  return min(4, max(2, batch // 16))
+
+
+def default_row_chunk(model: AViT) -> int:
+  """Rows per step of the MLP loop: on CPU about 2^17 token floats (672 rows of DeiT-T, 352
+  of DeiT-S: about as fast per row as whole-batch matmuls, where steps of a quarter of
+  that are 1.5x slower per row); 2048 on accelerators."""
+  if jax.default_backend() != 'cpu':
+    return 2048
+  return max(64, round((1 << 17) / model.cls_token.shape[-1] / 32) * 32)
 
 
 class CompactPredictor:
@@ -108,18 +116,22 @@ class CompactPredictor:
   sequence_batch: batches up to this size use the sequence layout, larger ones the packed.
   length_buckets: number of attention lengths (multiples of 8, in steps of about N / it).
   group: images per attention group of the packed layout (None: `default_group(batch)`).
-  row_buckets: number of MLP row counts of the packed layout (steps of about B*N / it).
+  row_chunk: rows per step of the packed layout's MLP loop (None: `default_row_chunk`); a
+    layer computes its running rows rounded up to a multiple of it.
   """
 
   def __init__(self, model: AViT, *, chunk_size: int, sequence_batch: int = 1,
-               length_buckets: int = 12, group: int | None = None, row_buckets: int = 16):
+               length_buckets: int = 12, group: int | None = None,
+               row_chunk: int | None = None):
     self.model = model
     self.chunk_size = chunk_size
     self.tokens = n = model.num_tokens
     self.sequence_batch = sequence_batch
     self.length_buckets = length_buckets
     self.group = group
-    self.row_buckets = row_buckets
+    self.row_chunk = row_chunk or default_row_chunk(model)
+    if self.row_chunk % 4:
+      raise ValueError(f'row_chunk must be a positive multiple of 4, got {row_chunk}')
     self._params = ParamLeaves(model)
     self._leaves = self._params.leaves
     self._blocks = _StackedBlocks(model.blocks)
@@ -141,10 +153,7 @@ class CompactPredictor:
     if batch <= self.sequence_batch:
       return Plan('sequence', lengths)
     group = min(batch, self.group or default_group(batch))
-    capacity = batch * n
-    rows = buckets(capacity, _granule(capacity, self.row_buckets))
-    chunk_rows = self.chunk_size * n if self.chunk_size > 0 else capacity
-    return Plan('packed', lengths, group=group, rows=rows, chunk_rows=chunk_rows)
+    return Plan('packed', lengths, group=group, chunk_rows=self.row_chunk)
 
   def work(self, token_depth) -> dict:
     """What the program computes for halting with these token depths [B, N], layer by
@@ -172,7 +181,8 @@ class CompactPredictor:
       else:
         lengths = [fit(counts[g], plan.lengths) for g in range(0, batch, plan.group)]
         lengths = [n for n in lengths for _ in range(plan.group)]
-        size = fit(int(counts.sum()), plan.rows)
+        small = plan.chunk_rows // 4
+        size = -(-int(counts.sum()) // small) * small
       out['rows_computed'].append(size)
       out['attention_rows_computed'].append(int(sum(lengths)))
       out['attention_computed'].append(int(sum(n * n for n in lengths)))
@@ -289,13 +299,12 @@ def _sequence_forward(model, blocks, stacked, x, plan: Plan):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-  """Token rows of the batch, R = B*N of them.
+  """The bookkeeping of the batch's token rows (R = B*N, rounded up to whole MLP steps).
 
   The running tokens come first, image after image (images in decreasing order of
   running tokens, ties by index), each image's tokens in their original order, so its
   class token, while it runs, is its first row. image = B on rows that hold no token.
   """
-  x: jax.Array          # [R, D]
   image: jax.Array      # [R] int32
   token: jax.Array      # [R] int32
   state: halting_lib.HaltingState  # [R]
@@ -322,12 +331,14 @@ def _layout(counts_by_image, groups: int, group: int) -> _Layout:
                  firsts=jnp.cumsum(counts) - counts)
 
 
-def _attention_groups(block, x, layout: _Layout, plan: Plan):
+def _attention_groups(block, x, source, out, layout: _Layout, plan: Plan):
   """The attention branch of every image, group by group on [G, n] padded layouts.
 
+  Reads the token states x [P, D] through `source` (packed position -> row of x) and writes
+  each running token's attention-branch output to its packed position of `out` [P, D].
   Groups come in decreasing length (the images are sorted), so the groups of each length
   bucket are a contiguous range: one loop per bucket over its range, each with a body of
-  static shape. Returns x with the running rows replaced by their attention-branch outputs.
+  static shape.
   """
   group = plan.group
   total_rows = x.shape[0]
@@ -341,36 +352,43 @@ def _attention_groups(block, x, layout: _Layout, plan: Plan):
     # Padding slots re-read their image's first row: an image never reads another
     # image's rows (whose NaN would survive being masked).
     rows = offsets[:, None] + jnp.where(valid, position[None, :], 0)
-    y = block.attention_branch(x[rows], key_mask=valid)
+    y = block.attention_branch(x[source[rows]], key_mask=valid)
     return out.at[jnp.where(valid, rows, total_rows)].set(y, mode='drop')
 
-  out = x
   for length in plan.lengths:
     out = jax.lax.fori_loop(jnp.sum(group_lengths > length), jnp.sum(group_lengths >= length),
                             functools.partial(run_group, length), out)
   return out
 
 
-def _token_rows(fn, x, total, plan: Plan):
-  """x with its first rows (at least `total`, rounded up to a row bucket) replaced by fn of
-  them, a token-wise function, computed in chunks of at most plan.chunk_rows rows
-  (cache-sized on CPU, like dense's chunks of images)."""
+def _token_rows(fn, x, total, chunk: int):
+  """x [P, D] with its first `total` rows replaced by fn of them (a token-wise function).
 
-  def run(size):
-    def write(x):
-      for start in range(0, size, plan.chunk_rows):
-        stop = min(size, start + plan.chunk_rows)
-        x = jax.lax.dynamic_update_slice_in_dim(x, fn(x[start:stop]), start, axis=0)
-      return x
-    return write
+  Whole steps of `chunk` rows (P a multiple of it), then the rest in steps of a quarter
+  chunk: two compiled bodies, at most chunk / 4 - 1 rows computed in vain, which matters
+  for small batches, whose layers hold a few hundred rows.
+  """
+  small = chunk // 4
 
-  return _select(_bucket_of(total, plan.rows), plan.rows, run, x)
+  def steps(size, first):
+    def step(i, x):
+      start = first + i * size
+      rows = jax.lax.dynamic_slice_in_dim(x, start, size)
+      return jax.lax.dynamic_update_slice_in_dim(x, fn(rows), start, axis=0)
+    return step
+
+  whole = total // chunk
+  x = jax.lax.fori_loop(0, whole, steps(chunk, 0), x)
+  return jax.lax.fori_loop(0, (total - whole * chunk + small - 1) // small,
+                           steps(small, whole * chunk), x)
 
 
 def _repack(rows: _Rows, batch: int, groups: int, group: int):
   """Running rows to the front, image after image in decreasing order of running tokens.
 
-  Returns (rows, layout). A running row's place in its image is the number of running rows
+  Returns (rows, source, layout): the rows' bookkeeping in the new order, and for each new
+  position the old one (`source`), through which the next layer reads the token states
+  instead of moving them. A running row's place in its image is the number of running rows
   before it, minus those before its image's first running row (an image's rows are
   contiguous), so this is cumulative sums and one gather, no sort over rows.
   """
@@ -391,7 +409,7 @@ def _repack(rows: _Rows, batch: int, groups: int, group: int):
   moved = jax.tree.map(lambda a: a[source], rows)
   state = dataclasses.replace(moved.state, mask=valid.astype(jnp.float32))
   return dataclasses.replace(moved, image=jnp.where(valid, moved.image, batch),
-                             state=state), layout
+                             state=state), source, layout
 
 
 def _packed_forward(model, blocks, stacked, x, plan: Plan):
@@ -399,20 +417,27 @@ def _packed_forward(model, blocks, stacked, x, plan: Plan):
   depth = model.depth
   group = plan.group
   groups = -(-b // group)
-  total_rows = b * n
-  rows = _Rows(x=x.reshape(total_rows, d), image=jnp.repeat(jnp.arange(b, dtype=jnp.int32), n),
-               token=jnp.tile(jnp.arange(n, dtype=jnp.int32), b),
-               state=halting_lib.init_state((total_rows,)))
+  chunk = plan.chunk_rows
+  # P rows: every token, rounded up to whole MLP steps; rows past B*N never hold a token.
+  total_rows = -(-b * n // chunk) * chunk
+  pad = total_rows - b * n
+  rows = _Rows(image=jnp.pad(jnp.repeat(jnp.arange(b, dtype=jnp.int32), n), (0, pad),
+                             constant_values=b),
+               token=jnp.pad(jnp.tile(jnp.arange(n, dtype=jnp.int32), b), (0, pad)),
+               state=jax.tree.map(lambda a: jnp.pad(a, (0, pad)),
+                                  halting_lib.init_state((b * n,))))
+  x = jnp.pad(x.reshape(b * n, d), ((0, pad), (0, 0)))
   layout = _layout(jnp.full((b,), n, jnp.int32), groups, group)
   results = (jnp.zeros((b * n,), jnp.float32), jnp.zeros((b * n,), jnp.float32),
              jnp.zeros((b * depth * n,), jnp.float32))
 
   def run_layer(layer, carry):
-    rows, layout, results, class_output = carry
+    x, spare, source, rows, layout, results, class_output = carry
     block = blocks.block(stacked, layer)
-    # vit.Block in its two branches: attention per group of images, the MLP on the rows.
-    y = _attention_groups(block, rows.x, layout, plan)
-    y = _token_rows(block.mlp_branch, y, jnp.sum(layout.counts), plan)
+    # vit.Block in its two branches: attention per group of images (reading x in the last
+    # layer's order through `source`), the MLP on the packed rows of its output.
+    y = _attention_groups(block, x, source, spare, layout, plan)
+    y = _token_rows(block.mlp_branch, y, jnp.sum(layout.counts), chunk)
     new, weight, score = model.halting_step(rows.state, y, layer)
     ran = rows.state.mask > 0
     flat = jnp.where(ran, rows.image * n + rows.token, b * n)
@@ -428,10 +453,12 @@ def _packed_forward(model, blocks, stacked, x, plan: Plan):
     updated = update_class_output(class_output[image], is_class, y[first], weight[first])
     class_output = class_output.at[jnp.where(is_class, layout.images, b)].set(updated,
                                                                               mode='drop')
-    rows, layout = _repack(dataclasses.replace(rows, x=y, state=new), b, groups, group)
-    return rows, layout, results, class_output
+    rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, groups, group)
+    # The old states' buffer receives the next layer's outputs (no new buffer per layer).
+    return y, x, source, rows, layout, results, class_output
 
-  carry = (rows, layout, results, jnp.zeros((b, d), jnp.float32))
-  _, _, (depths, ponders, scores), class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
+  carry = (x, jnp.zeros_like(x), jnp.arange(total_rows, dtype=jnp.int32), rows, layout,
+           results, jnp.zeros((b, d), jnp.float32))
+  *_, (depths, ponders, scores), class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
   return removal_output(model, class_logits(model, class_output), depths.reshape(b, n),
                         ponders.reshape(b, n), scores.reshape(b, depth, n))
