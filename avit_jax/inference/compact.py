@@ -11,8 +11,10 @@ compiled once). Two layouts:
   image, the images in decreasing order of running tokens. The block's attention branch
   runs per group of G consecutive images on a [G, n] layout padded to the group's longest
   image (similar counts, so little padding); its MLP branch, two thirds of the FLOPs, on
-  the rows themselves, rounded up to a row bucket. A repack after each layer drops the
-  halted rows and re-sorts the images (cumulative sums and one gather, no sort over rows).
+  the rows themselves, in a loop of fixed-size steps (no buckets). A repack after each
+  layer drops the halted rows and re-sorts the images (cumulative sums, no sort over rows)
+  without moving the token states: the next layer's attention reads them through the
+  repack's index map.
 
 In both, one halting step (`AViT.halting_step`) updates every row, only each image's class
 token keeps the output accumulator (the head reads nothing else), and tokens keep running
@@ -116,8 +118,10 @@ class CompactPredictor:
   sequence_batch: batches up to this size use the sequence layout, larger ones the packed.
   length_buckets: number of attention lengths (multiples of 8, in steps of about N / it).
   group: images per attention group of the packed layout (None: `default_group(batch)`).
-  row_chunk: rows per step of the packed layout's MLP loop (None: `default_row_chunk`); a
-    layer computes its running rows rounded up to a multiple of it.
+  row_chunk: rows per step of the packed layout's MLP loop at most (None:
+    `default_row_chunk`; a quarter of the batch's tokens when that is fewer); a layer runs
+    whole steps, then quarter steps, so it computes its running rows rounded up to a
+    multiple of a quarter step.
   """
 
   def __init__(self, model: AViT, *, chunk_size: int, sequence_batch: int = 1,
@@ -127,6 +131,8 @@ class CompactPredictor:
     self.chunk_size = chunk_size
     self.tokens = n = model.num_tokens
     self.sequence_batch = sequence_batch
+    # The sequence layout's MLP steps: two length granules (48 positions of DeiT-T).
+    self.sequence_step = 2 * _granule(n, length_buckets)
     self.length_buckets = length_buckets
     self.group = group
     self.row_chunk = row_chunk or default_row_chunk(model)
@@ -151,18 +157,21 @@ class CompactPredictor:
     n = self.tokens
     lengths = buckets(n, _granule(n, self.length_buckets))
     if batch <= self.sequence_batch:
-      return Plan('sequence', lengths)
+      return Plan('sequence', lengths, chunk_rows=self.sequence_step)
     group = min(batch, self.group or default_group(batch))
-    return Plan('packed', lengths, group=group, chunk_rows=self.row_chunk)
+    # Small batches (or models) step by a quarter of their rows at most, so that the
+    # rounding stays small against a layer's rows.
+    chunk_rows = min(self.row_chunk, max(32, -(-batch * n // 128) * 32))
+    return Plan('packed', lengths, group=group, chunk_rows=chunk_rows)
 
   def work(self, token_depth) -> dict:
     """What the program computes for halting with these token depths [B, N], layer by
     layer, against what the halting needs (numpy; no timing):
 
     rows_running / attention_running: running tokens, and the sum of their images'
-    squared counts; rows_computed: token rows the MLP branch runs (the whole block in the
-    sequence layout); attention_rows_computed / attention_computed: padded rows and
-    sum of G * n^2 of the attention branch.
+    squared counts; rows_computed: token rows the MLP branch runs;
+    attention_rows_computed / attention_computed: padded rows and sum of G * n^2 of the
+    attention branch.
     """
     depth = np.asarray(token_depth)
     batch = depth.shape[0]
@@ -177,7 +186,8 @@ class CompactPredictor:
       out['attention_running'].append(int((counts.astype(np.int64) ** 2).sum()))
       if plan.layout == 'sequence':
         length = fit(counts[0], plan.lengths)
-        lengths, size = [length] * batch, batch * length
+        steps = -(-int(counts[0]) // plan.chunk_rows)
+        lengths, size = [length] * batch, batch * min(n, steps * plan.chunk_rows)
       else:
         lengths = [fit(counts[g], plan.lengths) for g in range(0, batch, plan.group)]
         lengths = [n for n in lengths for _ in range(plan.group)]
@@ -248,24 +258,45 @@ def _running_first(running):
       jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), unique_indices=True)
 
 
+def _position_steps(fn, source, out, count, step: int):
+  """out [B, N, D] with positions < count (and up to a step more) replaced by fn of those of
+  `source`, a token-wise function, in steps of `step` positions: one compiled body. The
+  last step ends at N at most, so it may recompute positions of the one before, which
+  gives the same values (source and out are different buffers)."""
+  n = source.shape[1]
+  step = min(step, n)
+
+  def one(i, out):
+    start = jnp.minimum(i * step, n - step)
+    rows = jax.lax.dynamic_slice_in_dim(source, start, step, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(out, fn(rows), start, axis=1)
+
+  return jax.lax.fori_loop(0, (count + step - 1) // step, one, out)
+
+
 def _sequence_forward(model, blocks, stacked, x, plan: Plan):
   b, n, d = x.shape
   depth = model.depth
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
 
   def run_layer(layer, carry):
-    x, state, token, scores, class_output = carry
+    x, attended, state, token, scores, class_output = carry
     block = blocks.block(stacked, layer)
     mask = state.mask
-    bucket = _bucket_of(jnp.max(jnp.sum(mask, axis=1)), plan.lengths)
+    count = jnp.max(jnp.sum(mask, axis=1)).astype(jnp.int32)
+    bucket = _bucket_of(count, plan.lengths)
 
-    def run(length):
-      def fn(x):
-        out = block(x[:, :length], key_mask=mask[:, :length] > 0)
-        return jax.lax.dynamic_update_slice_in_dim(x, out, 0, axis=1)
+    # vit.Block in its two branches: attention on the first n positions (a program per
+    # length bucket), the MLP on the first `count` positions in steps of one size.
+    def attend(length):
+      def fn(buffers):
+        x, attended = buffers
+        out = block.attention_branch(x[:, :length], key_mask=mask[:, :length] > 0)
+        return x, jax.lax.dynamic_update_slice_in_dim(attended, out, 0, axis=1)
       return fn
 
-    y = _select(bucket, plan.lengths, run, x)
+    _, attended = _select(bucket, plan.lengths, attend, (x, attended))
+    y = _position_steps(block.mlp_branch, attended, x, count, plan.chunk_rows)
     new, weight, score = model.halting_step(state, y, layer)
     ran = mask > 0
     scores = scores.at[rows, layer, token].set(jnp.where(ran, score, 0.0))
@@ -281,12 +312,12 @@ def _sequence_forward(model, blocks, stacked, x, plan: Plan):
 
     # Nothing to move in the layers where no token halted (the first ones, mostly).
     y, new, token = _run_if(jnp.any(new.mask != mask), compact, (y, new, token))
-    return y, new, token, scores, class_output
+    return y, attended, new, token, scores, class_output
 
-  carry = (x, halting_lib.init_state((b, n)), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32),
+  carry = (x, jnp.zeros_like(x), halting_lib.init_state((b, n)), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32),
                                                                   (b, n)),
            jnp.zeros((b, depth, n), jnp.float32), jnp.zeros((b, d), jnp.float32))
-  _, state, token, scores, class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
+  _, _, state, token, scores, class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
   restore = lambda a: jnp.zeros_like(a).at[rows, token].set(a, unique_indices=True)  # noqa: E731
   return removal_output(model, class_logits(model, class_output), restore(state.depth),
                         restore(state.ponder), scores)
