@@ -131,8 +131,6 @@ class CompactPredictor:
     self.chunk_size = chunk_size
     self.tokens = n = model.num_tokens
     self.sequence_batch = sequence_batch
-    # The sequence layout's MLP steps: two length granules (48 positions of DeiT-T).
-    self.sequence_step = 2 * _granule(n, length_buckets)
     self.length_buckets = length_buckets
     self.group = group
     self.row_chunk = row_chunk or default_row_chunk(model)
@@ -157,7 +155,7 @@ class CompactPredictor:
     n = self.tokens
     lengths = buckets(n, _granule(n, self.length_buckets))
     if batch <= self.sequence_batch:
-      return Plan('sequence', lengths, chunk_rows=self.sequence_step)
+      return Plan('sequence', lengths)
     group = min(batch, self.group or default_group(batch))
     # Small batches (or models) step by a quarter of their rows at most, so that the
     # rounding stays small against a layer's rows.
@@ -169,9 +167,9 @@ class CompactPredictor:
     layer, against what the halting needs (numpy; no timing):
 
     rows_running / attention_running: running tokens, and the sum of their images'
-    squared counts; rows_computed: token rows the MLP branch runs;
-    attention_rows_computed / attention_computed: padded rows and sum of G * n^2 of the
-    attention branch.
+    squared counts; rows_computed: token rows the MLP branch runs (the whole block in the
+    sequence layout); attention_rows_computed / attention_computed: padded rows and
+    sum of G * n^2 of the attention branch.
     """
     depth = np.asarray(token_depth)
     batch = depth.shape[0]
@@ -186,8 +184,7 @@ class CompactPredictor:
       out['attention_running'].append(int((counts.astype(np.int64) ** 2).sum()))
       if plan.layout == 'sequence':
         length = fit(counts[0], plan.lengths)
-        steps = -(-int(counts[0]) // plan.chunk_rows)
-        lengths, size = [length] * batch, batch * min(n, steps * plan.chunk_rows)
+        lengths, size = [length] * batch, batch * length
       else:
         lengths = [fit(counts[g], plan.lengths) for g in range(0, batch, plan.group)]
         lengths = [n for n in lengths for _ in range(plan.group)]
@@ -258,45 +255,24 @@ def _running_first(running):
       jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), unique_indices=True)
 
 
-def _position_steps(fn, source, out, count, step: int):
-  """out [B, N, D] with positions < count (and up to a step more) replaced by fn of those of
-  `source`, a token-wise function, in steps of `step` positions: one compiled body. The
-  last step ends at N at most, so it may recompute positions of the one before, which
-  gives the same values (source and out are different buffers)."""
-  n = source.shape[1]
-  step = min(step, n)
-
-  def one(i, out):
-    start = jnp.minimum(i * step, n - step)
-    rows = jax.lax.dynamic_slice_in_dim(source, start, step, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(out, fn(rows), start, axis=1)
-
-  return jax.lax.fori_loop(0, (count + step - 1) // step, one, out)
-
-
 def _sequence_forward(model, blocks, stacked, x, plan: Plan):
   b, n, d = x.shape
   depth = model.depth
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
 
   def run_layer(layer, carry):
-    x, attended, state, token, scores, class_output = carry
+    x, state, token, scores, class_output = carry
     block = blocks.block(stacked, layer)
     mask = state.mask
-    count = jnp.max(jnp.sum(mask, axis=1)).astype(jnp.int32)
-    bucket = _bucket_of(count, plan.lengths)
+    bucket = _bucket_of(jnp.max(jnp.sum(mask, axis=1)), plan.lengths)
 
-    # vit.Block in its two branches: attention on the first n positions (a program per
-    # length bucket), the MLP on the first `count` positions in steps of one size.
-    def attend(length):
-      def fn(buffers):
-        x, attended = buffers
-        out = block.attention_branch(x[:, :length], key_mask=mask[:, :length] > 0)
-        return x, jax.lax.dynamic_update_slice_in_dim(attended, out, 0, axis=1)
+    def run(length):
+      def fn(x):
+        out = block(x[:, :length], key_mask=mask[:, :length] > 0)
+        return jax.lax.dynamic_update_slice_in_dim(x, out, 0, axis=1)
       return fn
 
-    _, attended = _select(bucket, plan.lengths, attend, (x, attended))
-    y = _position_steps(block.mlp_branch, attended, x, count, plan.chunk_rows)
+    y = _select(bucket, plan.lengths, run, x)
     new, weight, score = model.halting_step(state, y, layer)
     ran = mask > 0
     scores = scores.at[rows, layer, token].set(jnp.where(ran, score, 0.0))
@@ -312,12 +288,12 @@ def _sequence_forward(model, blocks, stacked, x, plan: Plan):
 
     # Nothing to move in the layers where no token halted (the first ones, mostly).
     y, new, token = _run_if(jnp.any(new.mask != mask), compact, (y, new, token))
-    return y, attended, new, token, scores, class_output
+    return y, new, token, scores, class_output
 
-  carry = (x, jnp.zeros_like(x), halting_lib.init_state((b, n)), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32),
+  carry = (x, halting_lib.init_state((b, n)), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32),
                                                                   (b, n)),
            jnp.zeros((b, depth, n), jnp.float32), jnp.zeros((b, d), jnp.float32))
-  _, _, state, token, scores, class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
+  _, state, token, scores, class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
   restore = lambda a: jnp.zeros_like(a).at[rows, token].set(a, unique_indices=True)  # noqa: E731
   return removal_output(model, class_logits(model, class_output), restore(state.depth),
                         restore(state.ponder), scores)
