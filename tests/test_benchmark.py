@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from avit_jax import benchmark, flops, inference
-from avit_jax.benchmark import profiles
+from avit_jax.benchmark import phases, profiles
 from tests.test_inference import small_config, varied_model
 
 
@@ -61,3 +61,23 @@ def test_profile_hits_its_target():
   _, info = profiles.build(config, 0.6, calibration, iterations=12)
   assert abs(info['compute_fraction'] - 0.6) < 0.03
   assert info['token_depth_std_within_image'] > 0
+
+
+def test_phase_times_attribute_every_mode_to_its_phases():
+  """The profile splits a forward's device time by the named scopes of the block, the
+  halting step and token removal: dense has no halting, compact spends time in its repack,
+  and every mode's phases add up to (most of) the traced time."""
+  model = varied_model(0)
+  images = np.asarray(profiles.synthetic_images(8, 32, seed=0))
+  times = {mode: phases.phase_times(inference.make_predict_fn(model, mode), images, reps=1)
+           for mode in ('dense', 'masked', 'compact')}
+  for mode, t in times.items():
+    assert set(t) == set(phases.PHASES) | {'other'}
+    assert all(v >= 0 for v in t.values())
+    assert t['attention'] > 0 and t['mlp'] > 0 and t['embed'] > 0, (mode, t)
+    # The block's two branches are most of the work of every mode.
+    assert t['attention'] + t['mlp'] > 0.3 * sum(t.values()), (mode, t)
+  assert times['dense']['halting'] == 0 and times['dense']['repack'] == 0
+  assert times['masked']['halting'] > 0 and times['compact']['repack'] > 0
+  assert phases.phase_of('jit(f)/while/body/layout/attention/dot_general') == 'attention'
+  assert phases.phase_of('jit(f)/while/body/dynamic_slice') == 'other'

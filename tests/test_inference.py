@@ -253,3 +253,19 @@ def test_capacity_bad_budgets():
     inference.make_predict_fn(model, 'masked', capacity=(65,) * 4)
   with pytest.raises(ValueError, match=r'quantile must be in \(0, 1\]'):
     inference.calibrate_capacity(model, images(2), quantile=0.0)
+
+
+def test_auto_picks_compact_where_an_image_has_enough_work():
+  """The documented rule: compact when N * 12 * D^2 >= 1e7 multiply-adds per image and layer
+  (DeiT-T geometry: 8.7e7), dense below (this 65-token width-64 model: 3.2e6), at every batch
+  size; a model without halting always runs dense."""
+  small = varied_model(0)
+  deit_t = models.create(config_lib.model_config('tiny'), seed=0)
+  assert [inference.auto_mode(small, b) for b in (1, 8, 64)] == ['dense'] * 3
+  assert [inference.auto_mode(deit_t, b) for b in (1, 8, 64)] == ['compact'] * 3
+  no_halting = models.create(small_config(halting=False), seed=0)
+  assert inference.auto_mode(no_halting, 64) == 'dense'
+  predict = inference.make_predict_fn(small, 'auto')
+  x = images(2)
+  np.testing.assert_array_equal(predict(x).logits,
+                                inference.make_predict_fn(small, 'dense')(x).logits)

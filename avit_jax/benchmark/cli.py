@@ -11,16 +11,17 @@ import ml_collections
 import numpy as np
 
 from avit_jax import config_lib, flops, inference
-from avit_jax.benchmark import measure, profiles, report
+from avit_jax.benchmark import measure, phases, profiles, report
 
 MODES = ('dense', 'masked', 'compact', 'capacity')
 
 
 def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes, reps: int, *,
                 capacity=None, torch_seconds=None, latency_images: int = 0,
-                log=print) -> tuple[list[dict], list[dict]]:
+                profile: bool = False, log=print) -> tuple[list[dict], list[dict]]:
   """Rows of the throughput table for one model (every mode, and the torch peer, at every
-  batch size; 'capacity' when per-layer budgets are given) and of its latency table."""
+  batch size; 'capacity' when per-layer budgets are given) and of its latency table;
+  `profile` adds each mode's device time by phase (`phases.phase_times`)."""
   modes = [m for m in MODES if m != 'capacity' or capacity is not None]
   predictors = {mode: inference.make_predict_fn(model, mode, capacity=capacity)
                 if mode == 'capacity' else inference.make_predict_fn(model, mode)
@@ -58,9 +59,13 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
                                   masked.token_depth, capacity, model_config))
       if mode == 'compact':
         row['work'] = compact_work(predictors['compact'], masked.token_depth)
+      if profile and mode in predictors:
+        row['phases'] = phases.phase_times(predictors[mode], x)
       rows.append(row)
     log(report.format_table([r for r in rows if r['batch'] == b]))
     log(report.format_work([r for r in rows if r['batch'] == b]))
+    if profile:
+      log(report.format_phases([r for r in rows if r['batch'] == b]))
   latency = []
   if latency_images:
     lat = measure.latency(predictors, images[:latency_images], max(1, reps // 2))
@@ -157,6 +162,9 @@ def main(argv=None) -> dict:
   parser.add_argument('--train-batch', type=int, default=16)
   parser.add_argument('--no-torch', action='store_true')
   parser.add_argument('--torch-threads', type=int, default=2)
+  parser.add_argument('--profile', action='store_true',
+                      help="each mode's device time by phase (attention, mlp, halting, repack, "
+                      '...) from jax.profiler, CPU only')
   parser.add_argument('--quick', action='store_true',
                       help='DeiT-T geometry only, batches up to 8, 2 reps, 8 latency images')
   args = parser.parse_args(argv)
@@ -187,7 +195,7 @@ def main(argv=None) -> dict:
         mc, batch_sizes, reps, args.torch_threads)
     rows, latency = bench_model(name, model, mc, images, batch_sizes, reps, capacity=capacity,
                                 torch_seconds=torch_seconds, latency_images=latency_images,
-                                log=log)
+                                profile=args.profile, log=log)
     result['rows'] += rows
     result['latency'] += latency
     result['auto'][name] = {b: inference.auto_mode(model, b) for b in batch_sizes}

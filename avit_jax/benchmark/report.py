@@ -6,6 +6,8 @@ import platform
 
 import jax
 
+from avit_jax.benchmark import phases
+
 PEER = 'PyTorch (transformers ViT)'
 
 
@@ -62,6 +64,33 @@ def format_work(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def _phase_rows(rows: list[dict]):
+  """(row, dense row of its batch) for every row with a phase profile."""
+  dense = {(r['model'], r['batch']): r for r in rows if r['mode'] == 'dense'}
+  return [(r, dense.get((r['model'], r['batch']))) for r in rows if r.get('phases')]
+
+
+def _phase_cells(r, dense) -> list[str]:
+  """ms per forward of each phase, and for the A-ViT modes their share of dense's."""
+  cells = []
+  for name in phases.PHASES + ('other',):
+    ms = r['phases'][name]
+    base = dense['phases'][name] if dense and dense.get('phases') else 0.0
+    ratio = f' ({ms / base:.2f})' if r['mode'] != 'dense' and base > 0.05 else ''
+    cells.append(f'{ms:.1f}{ratio}')
+  return cells
+
+
+def format_phases(rows: list[dict]) -> str:
+  """Where each mode's time goes: device ms per forward by phase (its share of dense's)."""
+  lines = []
+  for r, dense in _phase_rows(rows):
+    lines.append(f'# {r["model"]} batch {r["batch"]} {r["mode"]}: ' + ', '.join(
+        f'{name} {cell}' for name, cell in zip(phases.PHASES + ('other',),
+                                               _phase_cells(r, dense))))
+  return '\n'.join(lines)
+
+
 def format_markdown(result: dict) -> str:
   """One throughput and one latency table per model (the README's), then compact's work."""
   out = []
@@ -89,5 +118,13 @@ def format_markdown(result: dict) -> str:
       out += [f'| {r["batch"]} | {r["work"]["layout"]} | {r["work"]["rows_rounding"]:.3f} | '
               f'{r["work"]["attention_rows_padding"]:.3f} | {r["work"]["attention_padding"]:.3f} |'
               for r in work]
+    profiled = _phase_rows(mine)
+    if profiled:
+      out += ['', 'Where the time goes: device ms per forward by phase (in brackets, the share '
+              "of dense's time in that phase), from jax.profiler:", '',
+              '| batch | mode | ' + ' | '.join(phases.PHASES + ('other',)) + ' |',
+              '|---|---|' + '---|' * (len(phases.PHASES) + 1)]
+      out += [f'| {r["batch"]} | {r["mode"]} | ' + ' | '.join(_phase_cells(r, dense)) + ' |'
+              for r, dense in profiled]
     out.append('')
   return '\n'.join(out)

@@ -274,10 +274,11 @@ def _sequence_forward(model, blocks, stacked, x, plan: Plan):
 
     y = _select(bucket, plan.lengths, run, x)
     new, weight, score = model.halting_step(state, y, layer)
-    ran = mask > 0
-    scores = scores.at[rows, layer, token].set(jnp.where(ran, score, 0.0))
-    class_output = update_class_output(class_output, (token[:, 0] == 0) & ran[:, 0], y[:, 0],
-                                       weight[:, 0])
+    with jax.named_scope('halting'):
+      ran = mask > 0
+      scores = scores.at[rows, layer, token].set(jnp.where(ran, score, 0.0))
+      class_output = update_class_output(class_output, (token[:, 0] == 0) & ran[:, 0],
+                                         y[:, 0], weight[:, 0])
 
     def compact(carry):
       y, new, token = carry
@@ -287,7 +288,8 @@ def _sequence_forward(model, blocks, stacked, x, plan: Plan):
       return take(y), jax.tree.map(take, new), take(token)
 
     # Nothing to move in the layers where no token halted (the first ones, mostly).
-    y, new, token = _run_if(jnp.any(new.mask != mask), compact, (y, new, token))
+    with jax.named_scope('repack'):
+      y, new, token = _run_if(jnp.any(new.mask != mask), compact, (y, new, token))
     return y, new, token, scores, class_output
 
   carry = (x, halting_lib.init_state((b, n)), jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32),
@@ -443,24 +445,27 @@ def _packed_forward(model, blocks, stacked, x, plan: Plan):
     block = blocks.block(stacked, layer)
     # vit.Block in its two branches: attention per group of images (reading x in the last
     # layer's order through `source`), the MLP on the packed rows of its output.
-    y = _attention_groups(block, x, source, spare, layout, plan)
+    with jax.named_scope('layout'):  # the gathers around the block's attention branch
+      y = _attention_groups(block, x, source, spare, layout, plan)
     y = _token_rows(block.mlp_branch, y, jnp.sum(layout.counts), chunk)
     new, weight, score = model.halting_step(rows.state, y, layer)
-    ran = rows.state.mask > 0
-    flat = jnp.where(ran, rows.image * n + rows.token, b * n)
-    flat_scores = jnp.where(ran, (rows.image * depth + layer) * n + rows.token, b * depth * n)
-    depths, ponders, scores = results
-    results = (depths.at[flat].set(new.depth, mode='drop'),
-               ponders.at[flat].set(new.ponder, mode='drop'),
-               scores.at[flat_scores].set(score, mode='drop'))
-    # Each image's class token is its first row while it runs.
-    first = jnp.minimum(layout.firsts, total_rows - 1)
-    is_class = (layout.counts > 0) & (rows.token[first] == 0)
-    image = jnp.minimum(layout.images, b - 1)
-    updated = update_class_output(class_output[image], is_class, y[first], weight[first])
-    class_output = class_output.at[jnp.where(is_class, layout.images, b)].set(updated,
-                                                                              mode='drop')
-    rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, groups, group)
+    with jax.named_scope('halting'):
+      ran = rows.state.mask > 0
+      flat = jnp.where(ran, rows.image * n + rows.token, b * n)
+      flat_scores = jnp.where(ran, (rows.image * depth + layer) * n + rows.token, b * depth * n)
+      depths, ponders, scores = results
+      results = (depths.at[flat].set(new.depth, mode='drop'),
+                 ponders.at[flat].set(new.ponder, mode='drop'),
+                 scores.at[flat_scores].set(score, mode='drop'))
+      # Each image's class token is its first row while it runs.
+      first = jnp.minimum(layout.firsts, total_rows - 1)
+      is_class = (layout.counts > 0) & (rows.token[first] == 0)
+      image = jnp.minimum(layout.images, b - 1)
+      updated = update_class_output(class_output[image], is_class, y[first], weight[first])
+      class_output = class_output.at[jnp.where(is_class, layout.images, b)].set(updated,
+                                                                                mode='drop')
+    with jax.named_scope('repack'):
+      rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, groups, group)
     # The old states' buffer receives the next layer's outputs (no new buffer per layer).
     return y, x, source, rows, layout, results, class_output
 

@@ -49,9 +49,10 @@ class AViT(VisionTransformer):
 
   def halting_step(self, state: halting_lib.HaltingState, y: jax.Array, layer):
     """This model's halting step after block `layer` (int, or traced in a loop over layers)."""
-    return halting_lib.layer_step(state, y, layer == self.depth - 1,
-                                  gate_scale=self.gate_scale, gate_center=self.gate_center,
-                                  eps=self.eps)
+    with jax.named_scope('halting'):
+      return halting_lib.layer_step(state, y, layer == self.depth - 1,
+                                    gate_scale=self.gate_scale, gate_center=self.gate_center,
+                                    eps=self.eps)
 
   def run_halting(self, x: jax.Array) -> tuple[halting_lib.HaltingState, jax.Array, jax.Array]:
     """Runs every block with halting on embedded tokens x [B, N, D] (the masked graph).

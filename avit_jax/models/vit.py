@@ -125,9 +125,10 @@ class Block(nnx.Module):
   def attention_branch(self, x: jax.Array, mask: jax.Array | None = None, *,
                        key_mask: jax.Array | None = None) -> jax.Array:
     """x + attention(norm1(x)): [B, N, D] -> [B, N, D] (see the class doc for the masks)."""
-    qkv = self.qkv(x, mask)
-    attended = self.attn.attend(qkv, mask if mask is not None else key_mask)
-    return self.attention_output(x, attended, mask)
+    with jax.named_scope('attention'):  # a phase of the benchmark's profile
+      qkv = self.qkv(x, mask)
+      attended = self.attn.attend(qkv, mask if mask is not None else key_mask)
+      return self.attention_output(x, attended, mask)
 
   def qkv(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """The queries, keys and values of norm1(x): token-wise, [..., D] -> [..., 3D]."""
@@ -144,10 +145,11 @@ class Block(nnx.Module):
 
   def mlp_branch(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """x + mlp(norm2(x)): token-wise, so in eval mode x may be any [..., D] (packed rows)."""
-    if mask is None:
-      return x + self.drop_path(self.mlp(self.norm2(x)))
-    m = mask[..., None].astype(x.dtype)
-    return x + self.drop_path(self.mlp(self.norm2(x * m) * m))
+    with jax.named_scope('mlp'):
+      if mask is None:
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+      m = mask[..., None].astype(x.dtype)
+      return x + self.drop_path(self.mlp(self.norm2(x * m) * m))
 
 
 class VisionTransformer(nnx.Module):
@@ -196,10 +198,11 @@ class VisionTransformer(nnx.Module):
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Patch embedding + class token + position embedding: [B, S, S, C] -> [B, N, D]."""
-    x = self.patch_embed(images.astype(self.dtype))
-    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-    return self.pos_drop(x)
+    with jax.named_scope('embed'):
+      x = self.patch_embed(images.astype(self.dtype))
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+      return self.pos_drop(x)
 
   def forward_features(self, images: jax.Array) -> jax.Array:
     x = self.embed(images)
@@ -209,7 +212,8 @@ class VisionTransformer(nnx.Module):
 
   def forward_head(self, features: jax.Array) -> jax.Array:
     """Class-token features [B, N, D] -> logits float32 [B, C]."""
-    return self.head(features[:, 0]).astype(jnp.float32)
+    with jax.named_scope('head'):
+      return self.head(features[:, 0]).astype(jnp.float32)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     self.check_images(images)
