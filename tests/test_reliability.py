@@ -360,10 +360,13 @@ def test_long_compact_eval_has_flat_memory_and_throughput(env):
   assert summary['rss_end_mib'] - summary['rss_start_mib'] < 150, summary
   assert summary['peak_end_mib'] - summary['peak_start_mib'] < 150, summary
   # The second pass meets the same images, hence the same buckets: it compiles nothing,
-  # and its memory is flat.
+  # and its memory is flat. Starting it opens a new input iterator, whose buffers can add
+  # tens of MiB once (measured 1-54 MiB on the 2-core VM, with and without compact's
+  # changes); within the pass memory must not grow.
   second = [w for w in windows if w['pass'] == 2]
   first_end = [w for w in windows if w['pass'] == 1][-1]
   assert second[-1]['programs'] == first_end['programs'], windows
-  assert second[-1]['rss_mib'] - first_end['rss_mib'] < 50, windows
+  assert second[0]['rss_mib'] - first_end['rss_mib'] < 100, windows
+  assert second[-1]['rss_mib'] - second[0]['rss_mib'] < 50, windows
   assert summary['cpu_ms_end'] < 1.5 * summary['cpu_ms_start'], summary
   assert summary['ips_end'] > 0.33 * summary['ips_start'], summary
