@@ -1,7 +1,7 @@
 """Throughput and latency of dense DeiT against the A-ViT inference modes, with FLOPs.
 
   python -m avit_jax.benchmark [--json FILE] [--markdown FILE] [--checkpoint DIR]
-      [--batch-sizes 1,8,64] [--latency-images 32] [--quick]
+      [--batch-sizes 1,8,64] [--latency-images 32] [--profile] [--quick]
 
 For DeiT-T / DeiT-S geometry (224, 197 tokens) the A-ViT halting comes from `profiles`
 (random weights calibrated to the published compute fraction); with --checkpoint, a trained
@@ -12,11 +12,13 @@ ideal, the first batch's compile time (first call less a timed call) and the hos
 forward (0: the forward is one jax program). Modes are timed round-robin in one process
 (median of `--reps`), so ratios are side by side even on a busy machine. Then each mode's
 batch-1 latency (median and 90th percentile over `--latency-images` images, one at a time),
-compact's work against what the halting needs (row bucket rounding, attention padding), and
-one training step (value_and_grad of the loss) of masked A-ViT against dense DeiT.
+compact's work against what the halting needs (MLP row rounding, attention padding), with
+--profile each mode's device time by phase (`phases`), and one training step
+(value_and_grad of the loss) of masked A-ViT against dense DeiT.
 
-Modules: measure (timers), report (tables), profiles (halting at ImageNet geometry), cli
-(what is measured for each model, and the command line). No train import.
+Modules: measure (timers), report (tables), profiles (halting at ImageNet geometry), phases
+(time by phase from jax.profiler), cli (what is measured for each model, and the command
+line). No train import.
 """
 
 from avit_jax.benchmark.cli import MODES, bench_model, capacity_check, main
