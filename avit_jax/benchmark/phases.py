@@ -22,7 +22,7 @@ import tempfile
 
 import jax
 
-# Scopes set in models/vit.py, models/avit.py and inference/compact.py, innermost first.
+# Scopes set in models/vit.py, models/avit.py and inference/ (sequence.py, packed.py).
 PHASES = ('attention', 'mlp', 'halting', 'repack', 'layout', 'embed', 'head')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*?)op_name="([^"]*)"', re.M)
 # Operations that run other computations: their events enclose those of their operations.

@@ -21,7 +21,8 @@ Every mode runs in eval mode (dropout and drop path off); the parameters are tho
 recompiling). No training code is imported.
 
 Modules: common (chunking, parameters, class-token head), predictor (dense / masked /
-capacity programs), capacity (the budget graph), compact (token removal).
+capacity programs), capacity (the budget graph), compact (token removal: its predictor, with
+sequence and packed, its two layouts, and shapes, its bucket sizes).
 """
 
 from __future__ import annotations
