@@ -10,7 +10,7 @@ from flax import nnx
 
 from avit_jax import config_lib, models
 from avit_jax.models import halting as halting_lib
-from avit_jax.models.vit import Block
+from avit_jax.models.vit import Block, gelu
 
 
 def small_config(**overrides) -> ml_collections.ConfigDict:
@@ -189,6 +189,18 @@ class ModelTest(chex.TestCase):
     out = bf16(x)
     self.assertEqual(out.logits.dtype, jnp.float32)
     np.testing.assert_allclose(out.logits, fp32(x).logits, atol=0.1)
+
+  def test_gelu_is_the_exact_gelu(self):
+    # The erf form (PyTorch's) against jax's erfc form, values and gradients, and the
+    # textbook values x * Phi(x) at a few points.
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=2e-6)
+    grad = jax.vmap(jax.grad(gelu))(x)
+    reference = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(grad, reference, atol=1e-6)
+    np.testing.assert_allclose(gelu(jnp.array([-1.0, 0.0, 1.0, 2.0])),
+                               [-0.15865525, 0.0, 0.84134475, 1.95449974], rtol=1e-6)
+    self.assertEqual(gelu(jnp.ones(3, jnp.bfloat16)).dtype, jnp.bfloat16)
 
 
 class HaltingUpdateTest(chex.TestCase):
