@@ -8,10 +8,11 @@ compiled once). Two layouts:
   layer runs `vit.Block` on the first n positions, n the longest image's count rounded up
   to a length bucket, the padding masked as keys. Nothing else: no grouping, no packing.
 * packed (larger batches): the running tokens of the whole batch as rows, image after
-  image, the images in decreasing order of running tokens. The block's attention branch
-  runs per group of G consecutive images on a [G, n] layout padded to the group's longest
-  image (similar counts, so little padding); its MLP branch, two thirds of the FLOPs, on
-  the rows themselves, in a loop of fixed-size steps (no buckets). A repack after each
+  image, the images in decreasing order of running tokens. The block's attention core
+  (softmax(q k^T) v) runs per group of G consecutive images on a [G, n] layout padded to
+  the group's longest image (similar counts, so little padding); everything token-wise
+  (the qkv and output projections, the MLP branch: all the weights' FLOPs) on the rows
+  themselves, in a loop of fixed-size steps (no buckets). A repack after each
   layer drops the halted rows and re-sorts the images (cumulative sums, no sort over rows)
   without moving the token states: the next layer's attention reads them through the
   repack's index map.
@@ -48,12 +49,14 @@ def default_group(batch: int) -> int:
 
 
 def default_length_buckets(layout: str) -> int:
-  """Length buckets per layout. Batch 1 (sequence layout) compiles the whole block per
-  length, so 4 lengths (steps of N / 4): measured on CPU, DeiT-T batch-1 latency 1.31x
-  dense's with a compile 2.3-2.9x dense's, against 1.45x and 4-6x with 12 buckets. Batches
-  (packed layout) compile only the attention branch per length and pad less with 12
-  (steps of about N / 12: 9 lengths for 197 tokens)."""
-  return 4 if layout == 'sequence' else 12
+  """Length buckets per layout: each is a program of its own, compiled with the first batch.
+  Batch 1 (sequence layout) compiles the whole block per length: 4 lengths (steps of N / 4;
+  measured on CPU, DeiT-T batch-1 latency 1.31x dense's with a compile 2.3-2.9x dense's,
+  against 1.45x and 4-6x with 12). Batches (packed layout) compile only the attention core
+  per length, whose padding costs little: 6 lengths (DeiT-T, CPU: batch 64 at 1 % less
+  speed than with 12, compile 2.5x dense's instead of 3.4x; batch 8 2.8-3.1x instead of
+  3.9x)."""
+  return 4 if layout == 'sequence' else 6
 
 
 def default_row_chunk(model: AViT) -> int:

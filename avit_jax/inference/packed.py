@@ -1,8 +1,10 @@
 """compact's packed layout (batches above 1): the running tokens of the whole batch as rows,
-image after image, the images in decreasing order of running tokens. The attention branch
-runs per group of G images on a [G, n] layout padded to the group's longest image; the MLP
-branch on the rows, in a loop of fixed-size steps. A repack after each layer drops the
-halted rows and re-sorts the images without moving the token states (an index map)."""
+image after image, the images in decreasing order of running tokens. Everything of the
+block that is token-wise (norm1 and the qkv projection, the output projection, the MLP
+branch: all of its weights) runs on the rows, in a loop of fixed-size steps; only the
+attention core runs per group of G images, on a [G, n] layout padded to the group's
+longest image. A repack after each layer drops the halted rows and re-sorts the images
+without moving the token states (an index map)."""
 
 from __future__ import annotations
 
@@ -52,17 +54,18 @@ def _layout(counts_by_image, groups: int, group: int) -> _Layout:
                  firsts=jnp.cumsum(counts) - counts)
 
 
-def _attention_groups(block, x, source, out, layout: _Layout, plan: Plan):
-  """The attention branch of every image, group by group on [G, n] padded layouts.
+def _attention_groups(block, qkv, out, layout: _Layout, plan: Plan):
+  """The attention core of every image, group by group on [G, n] padded layouts.
 
-  Reads the token states x [P, D] through `source` (packed position -> row of x) and writes
-  each running token's attention-branch output to its packed position of `out` [P, D].
-  Groups come in decreasing length (the images are sorted), so the groups of each length
-  bucket are a contiguous range: one loop per bucket over its range, each with a body of
-  static shape.
+  Reads the queries, keys and values [P, 3D] at their packed positions and writes each
+  running token's attended values to its packed position of `out` [P, D]. Only this part
+  of the block needs an image's tokens together; its projections run on the rows. Groups
+  come in decreasing length (the images are sorted), so the groups of each length bucket
+  are a contiguous range: one loop per bucket over its range, each with a body of static
+  shape.
   """
   group = plan.group
-  total_rows = x.shape[0]
+  total_rows = qkv.shape[0]
   group_lengths = bucket_of(layout.counts[::group], plan.lengths)
 
   def run_group(length, g, out):
@@ -73,17 +76,23 @@ def _attention_groups(block, x, source, out, layout: _Layout, plan: Plan):
     # Padding slots re-read their image's first row: an image never reads another
     # image's rows (whose NaN would survive being masked).
     rows = offsets[:, None] + jnp.where(valid, position[None, :], 0)
-    y = block.attention_branch(x[source[rows]], key_mask=valid)
-    return out.at[jnp.where(valid, rows, total_rows)].set(y, mode='drop')
+    with jax.named_scope('layout'):
+      grouped = qkv[rows]
+    attended = block.attn.attend(grouped, key_mask=valid)
+    with jax.named_scope('layout'):
+      return out.at[jnp.where(valid, rows, total_rows)].set(attended, mode='drop')
 
-  for length in plan.lengths:
-    out = jax.lax.fori_loop(jnp.sum(group_lengths > length), jnp.sum(group_lengths >= length),
-                            functools.partial(run_group, length), out)
+  with jax.named_scope('attention'):
+    for length in plan.lengths:
+      out = jax.lax.fori_loop(jnp.sum(group_lengths > length),
+                              jnp.sum(group_lengths >= length),
+                              functools.partial(run_group, length), out)
   return out
 
 
-def _token_rows(fn, x, total, chunk: int):
-  """x [P, D] with its first `total` rows replaced by fn of them (a token-wise function).
+def _token_rows(fn, out, total, chunk: int):
+  """out [P, ...] with its rows start .. start + size replaced by fn(out, start, size), for
+  the first `total` rows (fn token-wise: those rows depend on those rows only).
 
   Whole steps of `chunk` rows (P a multiple of it), then the rest in steps of a quarter
   chunk: two compiled bodies, at most chunk / 4 - 1 rows computed in vain, which matters
@@ -92,16 +101,43 @@ def _token_rows(fn, x, total, chunk: int):
   small = chunk // 4
 
   def steps(size, first):
-    def step(i, x):
+    def step(i, out):
       start = first + i * size
-      rows = jax.lax.dynamic_slice_in_dim(x, start, size)
-      return jax.lax.dynamic_update_slice_in_dim(x, fn(rows), start, axis=0)
+      return jax.lax.dynamic_update_slice_in_dim(out, fn(out, start, size), start, axis=0)
     return step
 
   whole = total // chunk
-  x = jax.lax.fori_loop(0, whole, steps(chunk, 0), x)
+  out = jax.lax.fori_loop(0, whole, steps(chunk, 0), out)
   return jax.lax.fori_loop(0, (total - whole * chunk + small - 1) // small,
-                           steps(small, whole * chunk), x)
+                           steps(small, whole * chunk), out)
+
+
+def _run_block(block, x, source, buffers, layout: _Layout, plan: Plan):
+  """vit.Block on the packed rows: its token-wise parts (norm1 and qkv, the output
+  projection, the MLP branch) on the rows in steps of plan.chunk_rows, the attention core
+  per group of images. x [P, D] holds the last layer's states in its order, read through
+  `source`. buffers: (qkv [P, 3D], spare [P, D]), overwritten: the block's outputs go into
+  `spare`. Returns (outputs, qkv buffer)."""
+  total = jnp.sum(layout.counts)
+  chunk = plan.chunk_rows
+
+  def states(start, size):
+    return x[jax.lax.dynamic_slice_in_dim(source, start, size)]
+
+  def queries_keys_values(_, start, size):
+    with jax.named_scope('attention'):
+      return block.qkv(states(start, size))
+
+  def output_and_mlp(attended, start, size):
+    with jax.named_scope('attention'):
+      y = block.attention_output(states(start, size),
+                                 jax.lax.dynamic_slice_in_dim(attended, start, size))
+    return block.mlp_branch(y)
+
+  qkv, spare = buffers
+  qkv = _token_rows(queries_keys_values, qkv, total, chunk)
+  attended = _attention_groups(block, qkv, spare, layout, plan)
+  return _token_rows(output_and_mlp, attended, total, chunk), qkv
 
 
 def _repack(rows: _Rows, batch: int, groups: int, group: int):
@@ -153,13 +189,9 @@ def forward(model, blocks, stacked, x, plan: Plan):
              jnp.zeros((b * depth * n,), jnp.float32))
 
   def run_layer(layer, carry):
-    x, spare, source, rows, layout, results, class_output = carry
+    x, buffers, source, rows, layout, results, class_output = carry
     block = blocks.block(stacked, layer)
-    # vit.Block in its two branches: attention per group of images (reading x in the last
-    # layer's order through `source`), the MLP on the packed rows of its output.
-    with jax.named_scope('layout'):  # the gathers around the block's attention branch
-      y = _attention_groups(block, x, source, spare, layout, plan)
-    y = _token_rows(block.mlp_branch, y, jnp.sum(layout.counts), chunk)
+    y, qkv = _run_block(block, x, source, buffers, layout, plan)
     new, weight, score = model.halting_step(rows.state, y, layer)
     with jax.named_scope('halting'):
       ran = rows.state.mask > 0
@@ -179,9 +211,11 @@ def forward(model, blocks, stacked, x, plan: Plan):
     with jax.named_scope('repack'):
       rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, groups, group)
     # The old states' buffer receives the next layer's outputs (no new buffer per layer).
-    return y, x, source, rows, layout, results, class_output
+    return y, (qkv, x), source, rows, layout, results, class_output
 
-  carry = (x, jnp.zeros_like(x), jnp.arange(total_rows, dtype=jnp.int32), rows, layout,
+  # Buffers written afresh by every layer (a new buffer per layer costs its zeroing).
+  buffers = (jnp.zeros((total_rows, 3 * d), x.dtype), jnp.zeros_like(x))
+  carry = (x, buffers, jnp.arange(total_rows, dtype=jnp.int32), rows, layout,
            results, jnp.zeros((b, d), jnp.float32))
   *_, (depths, ponders, scores), class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
   return removal_output(model, class_logits(model, class_output), depths.reshape(b, n),
