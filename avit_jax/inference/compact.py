@@ -60,9 +60,9 @@ def default_length_buckets(layout: str) -> int:
 
 
 def default_row_chunk(model: AViT) -> int:
-  """Rows per step of the MLP loop: on CPU about 2^18 token floats, at most 704 rows (704 rows
-  of DeiT-T, 672 of DeiT-S): as fast per row as whole-batch matmuls, where steps of a
-  quarter of that run 1.5x slower per row; 2048 on accelerators."""
+  """Rows per step of the token-wise loops: on CPU about 2^18 token floats, at most 704
+  rows (704 rows of DeiT-T, 672 of DeiT-S): as fast per row as whole-batch matmuls, where
+  steps of a quarter of that run 1.5x slower per row; 2048 on accelerators."""
   if jax.default_backend() != 'cpu':
     return 2048
   return min(704, max(128, round((1 << 18) / model.cls_token.shape[-1] / 32) * 32))
@@ -77,7 +77,7 @@ class CompactPredictor:
   length_buckets: number of attention lengths (multiples of 8, in steps of about N / it);
     None: `default_length_buckets(layout)`.
   group: images per attention group of the packed layout (None: `default_group(batch)`).
-  row_chunk: rows per step of the packed layout's MLP loop at most (None:
+  row_chunk: rows per step of the packed layout's token-wise loops at most (None:
     `default_row_chunk`; a quarter of the batch's tokens when that is fewer); a layer runs
     whole steps, then quarter steps, so it computes its running rows rounded up to a
     multiple of a quarter step.
@@ -127,9 +127,9 @@ class CompactPredictor:
     layer, against what the halting needs (numpy; no timing):
 
     rows_running / attention_running: running tokens, and the sum of their images'
-    squared counts; rows_computed: token rows the MLP branch runs (the whole block in the
-    sequence layout); attention_rows_computed / attention_computed: padded rows and
-    sum of G * n^2 of the attention branch.
+    squared counts; rows_computed: token rows the token-wise loops run (the whole block in
+    the sequence layout); attention_rows_computed / attention_computed: padded rows and
+    sum of G * n^2 of the attention core.
     """
     depth = np.asarray(token_depth)
     batch = depth.shape[0]

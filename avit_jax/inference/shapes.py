@@ -58,4 +58,4 @@ class Plan:
   layout: str                   # 'sequence' or 'packed'
   lengths: tuple[int, ...]      # attention lengths (tokens per image) to pick from
   group: int = 1                # packed: images per attention group
-  chunk_rows: int = 1           # packed: rows per step of the MLP branch's loop
+  chunk_rows: int = 1           # packed: rows per step of the token-wise loops
