@@ -14,8 +14,8 @@ compiled once). Two layouts:
   (the qkv and output projections, the MLP branch: all the weights' FLOPs) on the rows
   themselves, in a loop of fixed-size steps (no buckets). A repack after each
   layer drops the halted rows and re-sorts the images (cumulative sums, no sort over rows)
-  without moving the token states: the next layer's attention reads them through the
-  repack's index map.
+  without moving the token states: the next layer's token-wise loops read them through
+  the repack's index map.
 
 In both, one halting step (`AViT.halting_step`) updates every row, only each image's class
 token keeps the output accumulator (the head reads nothing else), and tokens keep running
