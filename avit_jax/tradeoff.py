@@ -90,7 +90,7 @@ def images_per_second(model: models.AViT, images: np.ndarray, modes: Sequence[st
   """Round-robin images/s of each mode on one batch."""
   x = jnp.asarray(images)
   fns = {mode: (lambda p=inference.make_predict_fn(model, mode): p(x)) for mode in modes}
-  return {mode: len(images) / s for mode, s in measure.time_round_robin(fns, reps).items()}
+  return {mode: len(images) / s for mode, s in measure.time_round_robin(fns, reps).seconds.items()}
 
 
 def shifted(model_config: ml_collections.ConfigDict, shift: float) -> ml_collections.ConfigDict:

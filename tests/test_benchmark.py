@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from avit_jax import benchmark, flops, inference
-from avit_jax.benchmark import phases, profiles
+from avit_jax.benchmark import measure, phases, profiles
 from tests.test_inference import small_config, varied_model
 
 
@@ -53,6 +53,22 @@ def test_rows_are_consistent():
   markdown = benchmark.format_markdown(dict(rows=rows, latency=latency))
   assert markdown.count('| 4 | compact |') == 1 and 'PyTorch (transformers ViT)' in markdown
   assert 'Batch-1 latency over 3 images' in markdown
+
+
+def test_round_robin_pairs_each_round_and_rotates_the_order():
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in 'abc'}
+  timed = measure.time_round_robin(fns, reps=4)
+  # A warm-up call each, then rounds that each start one fn later.
+  assert calls == list('abc') + list('abc') + list('bca') + list('cab') + list('abc')
+  assert all(len(t) == 4 for t in timed.rounds.values())
+  assert set(timed.seconds) == set(timed.cpu_seconds) == set('abc')
+  assert len(measure.time_round_robin(fns, reps=1, min_seconds=0.05).rounds['a']) > 1
+  # The speed-up is the median of per-round ratios: here a slow spell hits a's second and
+  # third calls and b's second only; the ratio of medians (10 / 5 = 2) would credit it to b.
+  spell = measure.RoundRobin(seconds={}, cpu_seconds={},
+                             rounds={'a': [1.0, 10.0, 10.0], 'b': [2.0, 20.0, 5.0]})
+  assert spell.speed_up('b', 'a') == 0.5 and spell.speed_up('a', 'a') == 1.0
 
 
 def test_profile_hits_its_target():

@@ -18,7 +18,8 @@ MODES = ('dense', 'masked', 'compact', 'capacity')
 
 def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes, reps: int, *,
                 capacity=None, torch_seconds=None, latency_images: int = 0,
-                profile: bool = False, log=print) -> tuple[list[dict], list[dict]]:
+                min_seconds: float = 0.0, profile: bool = False,
+                log=print) -> tuple[list[dict], list[dict]]:
   """Rows of the throughput table for one model (every mode, and the torch peer, at every
   batch size; 'capacity' when per-layer budgets are given) and of its latency table;
   `profile` adds each mode's device time by phase (`phases.phase_times`)."""
@@ -33,16 +34,19 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
     first = {mode: measure.first_call_seconds(p, x) for mode, p in predictors.items()}
     masked = predictors['masked'](x)
     used = float(np.mean(np.asarray(flops.gflops_per_image(masked.token_depth, model_config))))
-    cpu = {}
-    seconds = measure.time_round_robin({mode: (lambda p=p: p(x)) for mode, p in
-                                        predictors.items()}, reps, cpu)
+    timed = measure.time_round_robin({mode: (lambda p=p: p(x)) for mode, p in
+                                      predictors.items()}, reps, min_seconds=min_seconds)
+    seconds, cpu = dict(timed.seconds), dict(timed.cpu_seconds)
     if torch_seconds:
       seconds['pytorch'], cpu['pytorch'] = torch_seconds[b]
     dense_compile = first['dense'] - seconds['dense']
     for mode, s in seconds.items():
       exact = mode not in ('dense', 'pytorch')
+      # The peer runs in its own process, so its ratio is of medians, not of rounds.
+      speed_up = (timed.speed_up(mode, 'dense') if mode in timed.rounds
+                  else seconds['dense'] / s)
       row = dict(model=name, mode=mode, batch=b, images_per_s=b / s, ms_per_batch=1e3 * s,
-                 cpu_ms_per_batch=1e3 * cpu[mode], speed_up=seconds['dense'] / s,
+                 cpu_ms_per_batch=1e3 * cpu[mode], speed_up=speed_up,
                  gflops_per_image=used if exact else dense_gflops,
                  ideal_speed_up=dense_gflops / used if exact else 1.0)
       row['efficiency'] = row['speed_up'] / row['ideal_speed_up']
@@ -156,7 +160,9 @@ def main(argv=None) -> dict:
                       help="the checkpoint's Fashion-MNIST IDX files")
   parser.add_argument('--batch-sizes', default='1,8,64')
   parser.add_argument('--variants', default='tiny,small', help='ImageNet geometries to time')
-  parser.add_argument('--reps', type=int, default=5)
+  parser.add_argument('--reps', type=int, default=5, help='rounds of every mode, at least')
+  parser.add_argument('--min-seconds', type=float, default=10.0,
+                      help='more rounds until this many seconds per batch size have passed')
   parser.add_argument('--latency-images', type=int, default=32,
                       help='images timed one at a time for the batch-1 latency (0: none)')
   parser.add_argument('--train-batch', type=int, default=16)
@@ -166,7 +172,7 @@ def main(argv=None) -> dict:
                       help="each mode's device time by phase (attention, mlp, halting, repack, "
                       '...) from jax.profiler, CPU only')
   parser.add_argument('--quick', action='store_true',
-                      help='DeiT-T geometry only, batches up to 8, 2 reps, 8 latency images')
+                      help='DeiT-T geometry only, batches up to 8, 2 rounds, 8 latency images')
   args = parser.parse_args(argv)
   try:
     batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b]
@@ -181,10 +187,12 @@ def main(argv=None) -> dict:
     batch_sizes = [b for b in batch_sizes if b <= 8]
     variants = [v for v in variants if v == 'tiny']
     reps, train_batch, latency_images = 2, 8, min(latency_images, 8)
+    args.min_seconds = 0.0
   for v in variants:
     if v not in profiles.PUBLISHED_FRACTION:
       parser.error(f'--variants: {v!r} is not one of {sorted(profiles.PUBLISHED_FRACTION)}')
-  result = dict(machine=report.machine(), batch_sizes=batch_sizes, reps=reps, rows=[],
+  result = dict(machine=report.machine(), batch_sizes=batch_sizes, reps=reps,
+                min_seconds=args.min_seconds, rows=[],
                 latency=[], profiles={}, train_step={}, auto={})
   log = lambda s: print(s, flush=True)  # noqa: E731
   log(f'# {result["machine"]}')
@@ -195,7 +203,7 @@ def main(argv=None) -> dict:
         mc, batch_sizes, reps, args.torch_threads)
     rows, latency = bench_model(name, model, mc, images, batch_sizes, reps, capacity=capacity,
                                 torch_seconds=torch_seconds, latency_images=latency_images,
-                                profile=args.profile, log=log)
+                                min_seconds=args.min_seconds, profile=args.profile, log=log)
     result['rows'] += rows
     result['latency'] += latency
     result['auto'][name] = {b: inference.auto_mode(model, b) for b in batch_sizes}

@@ -3,6 +3,7 @@ compile time, host reads per forward, the PyTorch peer and one training step."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -24,26 +25,42 @@ def first_call_seconds(fn, *args) -> float:
   return time.perf_counter() - start
 
 
-def time_round_robin(fns: dict, reps: int, cpu: dict | None = None) -> dict:
-  """Median wall seconds per call of each fn(), timed in turns (after a warm-up call each).
+@dataclasses.dataclass(frozen=True)
+class RoundRobin:
+  """Timings of fns run in turns: per call, the median wall and CPU seconds (CPU: this
+  process, all threads, which on a machine shared with other jobs measures the work done,
+  not the waiting for a core), and every round's wall seconds."""
+  seconds: dict
+  cpu_seconds: dict
+  rounds: dict
 
-  `cpu`, when given, receives the median CPU seconds of this process (all threads) per call:
-  on a machine shared with other jobs it measures the work done, which waiting for the
-  cores does not inflate.
-  """
+  def speed_up(self, name: str, reference: str) -> float:
+    """Median over rounds of reference's time / name's time in the same round: each ratio
+    compares calls a second or so apart, so a shared host's slow spells, which last longer,
+    cancel out in it (a ratio of medians mixes calls made minutes apart)."""
+    return float(np.median(np.asarray(self.rounds[reference]) / np.asarray(self.rounds[name])))
+
+
+def time_round_robin(fns: dict, reps: int, *, min_seconds: float = 0.0) -> RoundRobin:
+  """Times each fn() in turns after a warm-up call each: at least `reps` rounds, and more
+  until `min_seconds` have passed (cheap calls get more samples); every round starts one fn
+  later than the last, so no fn always runs right after another."""
   for fn in fns.values():
     jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  cpu_times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
+  names = list(fns)
+  rounds = {name: [] for name in names}
+  cpu_times = {name: [] for name in names}
+  start_all = time.perf_counter()
+  r = 0
+  while r < reps or time.perf_counter() - start_all < min_seconds:
+    for name in names[r % len(names):] + names[:r % len(names)]:
       start, start_cpu = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
+      jax.block_until_ready(fns[name]())
+      rounds[name].append(time.perf_counter() - start)
       cpu_times[name].append(time.process_time() - start_cpu)
-  if cpu is not None:
-    cpu.update({name: float(np.median(t)) for name, t in cpu_times.items()})
-  return {name: float(np.median(t)) for name, t in times.items()}
+    r += 1
+  median = lambda samples: {n: float(np.median(t)) for n, t in samples.items()}  # noqa: E731
+  return RoundRobin(seconds=median(rounds), cpu_seconds=median(cpu_times), rounds=rounds)
 
 
 def latency(predictors: dict, images: np.ndarray, reps: int) -> dict:
@@ -156,8 +173,8 @@ def train_step_times(model_config, batch: int, reps: int, seed: int = 0) -> dict
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     fns[name] = lambda step=step, params=params: step(params)
-  cpu = {}
-  times = time_round_robin(fns, reps, cpu)
-  return {'batch': batch, 'seconds': times, 'cpu_seconds': cpu,
-          'halting_overhead': times['masked A-ViT'] / times['dense DeiT'] - 1.0,
+  timed = time_round_robin(fns, reps)
+  cpu = timed.cpu_seconds
+  return {'batch': batch, 'seconds': timed.seconds, 'cpu_seconds': cpu,
+          'halting_overhead': 1.0 / timed.speed_up('masked A-ViT', 'dense DeiT') - 1.0,
           'cpu_halting_overhead': cpu['masked A-ViT'] / cpu['dense DeiT'] - 1.0}
