@@ -44,7 +44,7 @@ class RoundRobin:
 def time_round_robin(fns: dict, reps: int, *, min_seconds: float = 0.0) -> RoundRobin:
   """Times each fn() in turns after a warm-up call each: at least `reps` rounds, and more
   until `min_seconds` have passed (cheap calls get more samples); every round starts one fn
-  later than the last, so no fn always runs right after another."""
+  later than the last, so each fn takes every place in a round in turn."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   names = list(fns)
