@@ -8,14 +8,14 @@ compiled once). Two layouts:
   layer runs `vit.Block` on the first n positions, n the longest image's count rounded up
   to a length bucket, the padding masked as keys. Nothing else: no grouping, no packing.
 * packed (larger batches): the running tokens of the whole batch as rows, image after
-  image, the images in decreasing order of running tokens. The block's attention core
-  (softmax(q k^T) v) runs per group of G consecutive images on a [G, n] layout padded to
-  the group's longest image (similar counts, so little padding); everything token-wise
-  (the qkv and output projections, the MLP branch: all the weights' FLOPs) on the rows
-  themselves, in a loop of fixed-size steps (no buckets). A repack after each
-  layer drops the halted rows and re-sorts the images (cumulative sums, no sort over rows)
-  without moving the token states: the next layer's token-wise loops read them through
-  the repack's index map.
+  image, the images in decreasing order of running tokens. The block's first half (norm1,
+  the qkv projection, softmax(q k^T) v) runs per group of G consecutive images on a
+  [G, n] layout of their states padded to the group's longest image (similar counts, so
+  little padding); the output projection and the MLP branch (two thirds of the weights'
+  FLOPs) on the rows themselves, in a loop of fixed-size steps (no buckets). A repack
+  after each layer drops the halted rows and re-sorts the images (cumulative sums, no
+  sort over rows) without moving the token states: the next layer reads them through the
+  repack's index map.
 
 In both, one halting step (`AViT.halting_step`) updates every row, only each image's class
 token keeps the output accumulator (the head reads nothing else), and tokens keep running
@@ -127,9 +127,10 @@ class CompactPredictor:
     layer, against what the halting needs (numpy; no timing):
 
     rows_running / attention_running: running tokens, and the sum of their images'
-    squared counts; rows_computed: token rows the token-wise loops run (the whole block in
-    the sequence layout); attention_rows_computed / attention_computed: padded rows and
-    sum of G * n^2 of the attention core.
+    squared counts; rows_computed: token rows the row loops run (the output projection and
+    the MLP; the whole block in the sequence layout); attention_rows_computed /
+    attention_computed: the padded rows of the groups (norm1, the qkv projection and the
+    attention core) and their sum of G * n^2.
     """
     depth = np.asarray(token_depth)
     batch = depth.shape[0]
