@@ -15,7 +15,7 @@ def test_rows_are_consistent():
   images = np.asarray(profiles.synthetic_images(4, 32, seed=0))
   budget = inference.calibrate_capacity(model, images)
   rows, latency = benchmark.bench_model(
-      'tiny-test', model, config, images, [1, 4], reps=1, capacity=budget,
+      'tiny-test', model, config, images, [1, 4], reps=1, capacity=budget, compile_repeats=2,
       torch_seconds={1: (0.5, 0.9), 4: (1.0, 1.9)}, latency_images=3, log=lambda s: None)
   assert [(r['batch'], r['mode']) for r in rows] == [
       (b, m) for b in (1, 4) for m in ('dense', 'masked', 'compact', 'capacity', 'pytorch')]

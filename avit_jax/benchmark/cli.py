@@ -18,20 +18,28 @@ MODES = ('dense', 'masked', 'compact', 'capacity')
 
 def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes, reps: int, *,
                 capacity=None, torch_seconds=None, latency_images: int = 0,
-                min_seconds: float = 0.0, profile: bool = False,
+                min_seconds: float = 0.0, compile_repeats: int = 1, profile: bool = False,
                 log=print) -> tuple[list[dict], list[dict]]:
   """Rows of the throughput table for one model (every mode, and the torch peer, at every
   batch size; 'capacity' when per-layer budgets are given) and of its latency table;
-  `profile` adds each mode's device time by phase (`phases.phase_times`)."""
+  `profile` adds each mode's device time by phase (`phases.phase_times`). The first-batch
+  compile time is the median over `compile_repeats` fresh predictors (one compile is a
+  single sample of a host whose speed moves)."""
   modes = [m for m in MODES if m != 'capacity' or capacity is not None]
-  predictors = {mode: inference.make_predict_fn(model, mode, capacity=capacity)
-                if mode == 'capacity' else inference.make_predict_fn(model, mode)
-                for mode in modes}
+
+  def make(mode):
+    options = {'capacity': capacity} if mode == 'capacity' else {}
+    return inference.make_predict_fn(model, mode, **options)
+
+  predictors = {mode: make(mode) for mode in modes}
   dense_gflops = flops.dense_gflops(model_config)
   rows = []
   for b in batch_sizes:
     x = jnp.asarray(images[:b])
-    first = {mode: measure.first_call_seconds(p, x) for mode, p in predictors.items()}
+    first = {mode: float(np.median(
+        [measure.first_call_seconds(p, x)]
+        + [measure.first_call_seconds(make(mode), x) for _ in range(compile_repeats - 1)]))
+             for mode, p in predictors.items()}
     masked = predictors['masked'](x)
     used = float(np.mean(np.asarray(flops.gflops_per_image(masked.token_depth, model_config))))
     timed = measure.time_round_robin({mode: (lambda p=p: p(x)) for mode, p in
@@ -163,6 +171,9 @@ def main(argv=None) -> dict:
   parser.add_argument('--reps', type=int, default=5, help='rounds of every mode, at least')
   parser.add_argument('--min-seconds', type=float, default=10.0,
                       help='more rounds until this many seconds per batch size have passed')
+  parser.add_argument('--compile-repeats', type=int, default=3,
+                      help="first calls of fresh predictors per mode and batch size, whose "
+                      'median gives the first-batch compile time')
   parser.add_argument('--latency-images', type=int, default=32,
                       help='images timed one at a time for the batch-1 latency (0: none)')
   parser.add_argument('--train-batch', type=int, default=16)
@@ -187,12 +198,12 @@ def main(argv=None) -> dict:
     batch_sizes = [b for b in batch_sizes if b <= 8]
     variants = [v for v in variants if v == 'tiny']
     reps, train_batch, latency_images = 2, 8, min(latency_images, 8)
-    args.min_seconds = 0.0
+    args.min_seconds, args.compile_repeats = 0.0, 1
   for v in variants:
     if v not in profiles.PUBLISHED_FRACTION:
       parser.error(f'--variants: {v!r} is not one of {sorted(profiles.PUBLISHED_FRACTION)}')
   result = dict(machine=report.machine(), batch_sizes=batch_sizes, reps=reps,
-                min_seconds=args.min_seconds, rows=[],
+                min_seconds=args.min_seconds, compile_repeats=args.compile_repeats, rows=[],
                 latency=[], profiles={}, train_step={}, auto={})
   log = lambda s: print(s, flush=True)  # noqa: E731
   log(f'# {result["machine"]}')
@@ -203,7 +214,9 @@ def main(argv=None) -> dict:
         mc, batch_sizes, reps, args.torch_threads)
     rows, latency = bench_model(name, model, mc, images, batch_sizes, reps, capacity=capacity,
                                 torch_seconds=torch_seconds, latency_images=latency_images,
-                                min_seconds=args.min_seconds, profile=args.profile, log=log)
+                                min_seconds=args.min_seconds,
+                                compile_repeats=max(1, args.compile_repeats),
+                                profile=args.profile, log=log)
     result['rows'] += rows
     result['latency'] += latency
     result['auto'][name] = {b: inference.auto_mode(model, b) for b in batch_sizes}
