@@ -11,7 +11,7 @@ compiled once). Two layouts:
   image, the images in decreasing order of running tokens. The block's first half (norm1,
   the qkv projection, softmax(q k^T) v) runs per group of G consecutive images on a
   [G, n] layout of their states padded to the group's longest image (similar counts, so
-  little padding); the output projection and the MLP branch (two thirds of the weights'
+  little padding); the output projection and the MLP branch (three quarters of the weights'
   FLOPs) on the rows themselves, in a loop of fixed-size steps (no buckets). A repack
   after each layer drops the halted rows and re-sorts the images (cumulative sums, no
   sort over rows) without moving the token states: the next layer reads them through the

@@ -2,7 +2,7 @@
 image after image, the images in decreasing order of running tokens. The block's first
 half (norm1, the qkv projection, the attention core) runs per group of G images, on a
 [G, n] layout of their states padded to the group's longest image; its second half (the
-output projection and the MLP branch: two thirds of its weights) on the rows, in a loop of
+output projection and the MLP branch: three quarters of its weights) on the rows, in a loop of
 fixed-size steps. A repack after each layer drops the halted rows and re-sorts the images
 without moving the token states (an index map)."""
 
