@@ -240,7 +240,8 @@ def main(argv=None) -> dict:
     result['train_step'][mc.variant] = train
     log(f'# {mc.variant} train step (batch {train_batch}): '
         + ', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in train['seconds'].items())
-        + f'; halting overhead {100 * train["halting_overhead"]:+.1f}% wall')
+        + f'; halting overhead {100 * train["halting_overhead"]:+.1f}% wall '
+        '(median of the per-round ratios, which can differ from the medians\' ratio)')
   if args.checkpoint:
     from avit_jax import visualize  # pylint: disable=import-outside-toplevel
     model, metadata = visualize.load_model(args.checkpoint)
