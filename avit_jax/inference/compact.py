@@ -8,11 +8,10 @@ compiled once). Two layouts:
   layer runs `vit.Block` on the first n positions, n the longest image's count rounded up
   to a length bucket, the padding masked as keys. Nothing else: no grouping, no packing.
 * packed (larger batches): the running tokens of the whole batch as rows, image after
-  image, the images in decreasing order of running tokens. The block's first half (norm1,
-  the qkv projection, softmax(q k^T) v) runs per group of G consecutive images on a
-  [G, n] layout of their states padded to the group's longest image (similar counts, so
-  little padding); the output projection and the MLP branch (three quarters of the weights'
-  FLOPs) on the rows themselves, in a loop of fixed-size steps (no buckets). A repack
+  image, the images in decreasing order of running tokens. The block's attention branch
+  runs per group of G consecutive images on a [G, n] layout of their states padded to the
+  group's longest image (similar counts, so little padding); its MLP branch (two thirds of
+  the weights' FLOPs) on the rows themselves, in a loop of fixed-size steps (no buckets). A repack
   after each layer drops the halted rows and re-sorts the images (cumulative sums, no
   sort over rows) without moving the token states: the next layer reads them through the
   repack's index map.
@@ -127,10 +126,9 @@ class CompactPredictor:
     layer, against what the halting needs (numpy; no timing):
 
     rows_running / attention_running: running tokens, and the sum of their images'
-    squared counts; rows_computed: token rows the row loops run (the output projection and
-    the MLP; the whole block in the sequence layout); attention_rows_computed /
-    attention_computed: the padded rows of the groups (norm1, the qkv projection and the
-    attention core) and their sum of G * n^2.
+    squared counts; rows_computed: token rows the row loops run (the MLP branch; the whole
+    block in the sequence layout); attention_rows_computed / attention_computed: the
+    padded rows of the groups (the attention branch) and their sum of G * n^2.
     """
     depth = np.asarray(token_depth)
     batch = depth.shape[0]

@@ -1,10 +1,10 @@
 """compact's packed layout (batches above 1): the running tokens of the whole batch as rows,
-image after image, the images in decreasing order of running tokens. The block's first
-half (norm1, the qkv projection, the attention core) runs per group of G images, on a
-[G, n] layout of their states padded to the group's longest image; its second half (the
-output projection and the MLP branch: three quarters of its weights) on the rows, in a loop of
-fixed-size steps. A repack after each layer drops the halted rows and re-sorts the images
-without moving the token states (an index map)."""
+image after image, the images in decreasing order of running tokens. The block's attention
+branch (`vit.Block.attention_branch`) runs per group of G images, on a [G, n] layout of
+their states padded to the group's longest image; its MLP branch (`vit.Block.mlp_branch`,
+two thirds of its weights) on the rows, in a loop of fixed-size steps. A repack after each
+layer drops the halted rows and re-sorts the images without moving the token states (an
+index map). Layers read and write the two halves of one buffer in turn."""
 
 from __future__ import annotations
 
@@ -54,84 +54,82 @@ def _layout(counts_by_image, groups: int, group: int) -> _Layout:
                  firsts=jnp.cumsum(counts) - counts)
 
 
-def _attention_groups(block, x, source, out, layout: _Layout, plan: Plan):
-  """norm1, the qkv projection and the attention core of every image, group by group on
-  [G, n] padded layouts.
+def _attention_groups(block, states, source, write, layout: _Layout, plan: Plan):
+  """The block's attention branch, x + attention(norm1(x)), of every image, group by group
+  on [G, n] padded layouts.
 
-  Gathers the states of each group's tokens from x [P, D] through `source` (the repack's
-  index map) and writes each running token's attended values to its packed position of
-  `out` [P, D]. The qkv projection runs here rather than on the rows: it then computes the
-  padding slots too, but needs no [P, 3D] buffer and no gather of 3D-wide rows (measured on
-  CPU: 2-3 % faster at batch 8 and 64, and less to compile). Groups come in decreasing
-  length (the images are sorted), so the groups of each length bucket are a contiguous
-  range: one loop per bucket over its range, each with a body of static shape.
+  Gathers the states of each group's tokens from `states` [2P, D] through `source` (the
+  repack's index map, into the half the last layer wrote) and writes each running token's
+  output to its packed position in the other half, which starts at row `write`. The
+  token-wise projections run here rather than on the rows: they then compute the padding
+  slots too, but need no [P, 3D] qkv buffer, no gathers of 3D-wide rows and no second read
+  of the states (measured on CPU, against the output projection on the rows: as fast at
+  batch 8 and 64, as long to compile). Groups come in decreasing length (the images are
+  sorted), so the groups of each length bucket are a contiguous range: one loop per bucket
+  over its range, each with a body of static shape.
   """
   group = plan.group
-  total_rows = x.shape[0]
   group_lengths = bucket_of(layout.counts[::group], plan.lengths)
+  # Every group's indices at the full length, computed once per layer; each bucket's body
+  # slices its group's. Padding slots re-read their image's first row: an image never
+  # reads another image's rows (whose NaN would survive being masked); they write nowhere.
+  with jax.named_scope('layout'):
+    counts = layout.counts.reshape(-1, group)
+    position = jnp.arange(plan.lengths[-1])
+    valid = position < counts[..., None]
+    rows = layout.firsts.reshape(-1, group)[..., None] + jnp.where(valid, position, 0)
+    reads, writes = source[rows], jnp.where(valid, write + rows, states.shape[0])
 
-  def run_group(length, g, out):
-    counts = jax.lax.dynamic_slice_in_dim(layout.counts, g * group, group)
-    offsets = layout.firsts[g * group] + jnp.cumsum(counts) - counts
-    position = jnp.arange(length)
-    valid = position[None, :] < counts[:, None]
-    # Padding slots re-read their image's first row: an image never reads another
-    # image's rows (whose NaN would survive being masked).
-    rows = offsets[:, None] + jnp.where(valid, position[None, :], 0)
+  def run_group(length, g, states):
+    take = lambda a: jax.lax.dynamic_slice(a, (g, 0, 0), (1, group, length))[0]  # noqa: E731
     with jax.named_scope('layout'):
-      grouped = x[source[rows]]
-    attended = block.attn.attend(block.qkv(grouped), key_mask=valid)
+      grouped = states[take(reads)]
+    y = block.attention_branch(grouped, key_mask=take(valid))
     with jax.named_scope('layout'):
-      return out.at[jnp.where(valid, rows, total_rows)].set(attended, mode='drop')
+      return states.at[take(writes)].set(y, mode='drop')
 
   with jax.named_scope('attention'):
     for length in plan.lengths:
-      out = jax.lax.fori_loop(jnp.sum(group_lengths > length),
-                              jnp.sum(group_lengths >= length),
-                              functools.partial(run_group, length), out)
-  return out
+      states = jax.lax.fori_loop(jnp.sum(group_lengths > length),
+                                 jnp.sum(group_lengths >= length),
+                                 functools.partial(run_group, length), states)
+  return states
 
 
-def _token_rows(fn, out, total, chunk: int):
-  """out [P, ...] with its rows start .. start + size replaced by fn(out, start, size), for
-  the first `total` rows (fn token-wise: those rows depend on those rows only).
+def _token_rows(fn, out, first, total, chunk: int):
+  """out [R, ...] with its rows start .. start + size replaced by fn(out, start, size), for
+  the `total` rows from row `first` on (fn token-wise: those rows depend on those rows only).
 
-  Whole steps of `chunk` rows (P a multiple of it), then the rest in steps of a quarter
-  chunk: two compiled bodies, at most chunk / 4 - 1 rows computed in vain, which matters
+  Whole steps of `chunk` rows (R - first a multiple of it), then the rest in steps of a
+  quarter chunk: two compiled bodies, at most chunk / 4 - 1 rows computed in vain, which matters
   for small batches, whose layers hold a few hundred rows.
   """
   small = chunk // 4
 
-  def steps(size, first):
+  def steps(size, offset):
     def step(i, out):
-      start = first + i * size
+      start = offset + i * size
       return jax.lax.dynamic_update_slice_in_dim(out, fn(out, start, size), start, axis=0)
     return step
 
   whole = total // chunk
-  out = jax.lax.fori_loop(0, whole, steps(chunk, 0), out)
+  out = jax.lax.fori_loop(0, whole, steps(chunk, first), out)
   return jax.lax.fori_loop(0, (total - whole * chunk + small - 1) // small,
-                           steps(small, whole * chunk), out)
+                           steps(small, first + whole * chunk), out)
 
 
-def _run_block(block, x, source, spare, layout: _Layout, plan: Plan):
-  """vit.Block on the packed rows: norm1, the qkv projection and the attention core per
-  group of images; the output projection and the MLP branch on the rows in steps of
-  plan.chunk_rows. x [P, D] holds the last layer's states in its order, read through
-  `source`; the outputs go into `spare` [P, D] (overwritten), which is returned."""
+def _run_block(block, states, source, write, layout: _Layout, plan: Plan):
+  """vit.Block on the packed rows: its attention branch per group of images, its MLP
+  branch on the rows in steps of plan.chunk_rows. `states` [2P, D] holds the last layer's
+  outputs in one half, in that layer's order, read through `source`; this layer's go to
+  the other half, from row `write` on. Returns `states` so updated."""
   total = jnp.sum(layout.counts)
 
-  def states(start, size):
-    return x[jax.lax.dynamic_slice_in_dim(source, start, size)]
+  def mlp(states, start, size):
+    return block.mlp_branch(jax.lax.dynamic_slice_in_dim(states, start, size))
 
-  def output_and_mlp(attended, start, size):
-    with jax.named_scope('attention'):
-      y = block.attention_output(states(start, size),
-                                 jax.lax.dynamic_slice_in_dim(attended, start, size))
-    return block.mlp_branch(y)
-
-  attended = _attention_groups(block, x, source, spare, layout, plan)
-  return _token_rows(output_and_mlp, attended, total, plan.chunk_rows)
+  states = _attention_groups(block, states, source, write, layout, plan)
+  return _token_rows(mlp, states, write, total, plan.chunk_rows)
 
 
 def _repack(rows: _Rows, batch: int, groups: int, group: int):
@@ -183,9 +181,15 @@ def forward(model, blocks, stacked, x, plan: Plan):
              jnp.zeros((b * depth * n,), jnp.float32))
 
   def run_layer(layer, carry):
-    x, spare, source, rows, layout, results, class_output = carry
+    states, source, rows, layout, results, class_output = carry
     block = blocks.block(stacked, layer)
-    y = _run_block(block, x, source, spare, layout, plan)
+    # Layers alternate between the two halves of `states`: each reads the half the one
+    # before wrote. One carried buffer updated in place; swapping two buffers between
+    # loop iterations would make XLA copy both in every layer.
+    read = (layer % 2) * total_rows
+    write = total_rows - read
+    states = _run_block(block, states, source + read, write, layout, plan)
+    y = jax.lax.dynamic_slice_in_dim(states, write, total_rows)
     new, weight, score = model.halting_step(rows.state, y, layer)
     with jax.named_scope('halting'):
       ran = rows.state.mask > 0
@@ -204,12 +208,10 @@ def forward(model, blocks, stacked, x, plan: Plan):
                                                                                 mode='drop')
     with jax.named_scope('repack'):
       rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, groups, group)
-    # The old states' buffer receives the next layer's outputs (a new buffer per layer
-    # would cost its zeroing).
-    return y, x, source, rows, layout, results, class_output
+    return states, source, rows, layout, results, class_output
 
-  carry = (x, jnp.zeros_like(x), jnp.arange(total_rows, dtype=jnp.int32), rows, layout,
-           results, jnp.zeros((b, d), jnp.float32))
+  carry = (jnp.concatenate([x, jnp.zeros_like(x)]), jnp.arange(total_rows, dtype=jnp.int32),
+           rows, layout, results, jnp.zeros((b, d), jnp.float32))
   *_, (depths, ponders, scores), class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
   return removal_output(model, class_logits(model, class_output), depths.reshape(b, n),
                         ponders.reshape(b, n), scores.reshape(b, depth, n))
