@@ -24,7 +24,7 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
   batch size; 'capacity' when per-layer budgets are given) and of its latency table;
   `profile` adds each mode's device time by phase (`phases.phase_times`). The first-batch
   compile time is the median over `compile_repeats` fresh predictors (one compile is a
-  single sample of a host whose speed moves)."""
+  single sample of a host whose speed moves) of `measure.compile_seconds`."""
   modes = [m for m in MODES if m != 'capacity' or capacity is not None]
 
   def make(mode):
@@ -36,10 +36,9 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
   rows = []
   for b in batch_sizes:
     x = jnp.asarray(images[:b])
-    first = {mode: float(np.median(
-        [measure.first_call_seconds(p, x)]
-        + [measure.first_call_seconds(make(mode), x) for _ in range(compile_repeats - 1)]))
-             for mode, p in predictors.items()}
+    compile_s = {mode: float(np.median([measure.compile_seconds(make(mode), x)
+                                        for _ in range(compile_repeats)]))
+                 for mode in predictors}
     masked = predictors['masked'](x)
     used = float(np.mean(np.asarray(flops.gflops_per_image(masked.token_depth, model_config))))
     timed = measure.time_round_robin({mode: (lambda p=p: p(x)) for mode, p in
@@ -47,7 +46,6 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
     seconds, cpu = dict(timed.seconds), dict(timed.cpu_seconds)
     if torch_seconds:
       seconds['pytorch'], cpu['pytorch'] = torch_seconds[b]
-    dense_compile = first['dense'] - seconds['dense']
     for mode, s in seconds.items():
       exact = mode not in ('dense', 'pytorch')
       # The peer runs in its own process, so its ratio is of medians, not of rounds.
@@ -60,8 +58,8 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
       row['efficiency'] = row['speed_up'] / row['ideal_speed_up']
       row['cpu_efficiency'] = cpu['dense'] / cpu[mode] / row['ideal_speed_up']
       if mode in predictors:
-        row['compile_s'] = first[mode] - s
-        row['compile_vs_dense'] = row['compile_s'] / dense_compile
+        row['compile_s'] = compile_s[mode]
+        row['compile_vs_dense'] = compile_s[mode] / compile_s['dense']
         row['host_reads'] = measure.host_reads_per_forward(predictors[mode], x)
         out = predictors[mode](x)
         row['max_logit_diff'] = float(jnp.abs(out.logits - masked.logits).max())

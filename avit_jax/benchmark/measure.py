@@ -18,10 +18,13 @@ from flax import nnx
 from avit_jax import losses, models
 
 
-def first_call_seconds(fn, *args) -> float:
-  """Wall seconds of the first call (tracing, compilation and one run)."""
+def compile_seconds(predictor, images) -> float:
+  """Wall seconds to trace, lower and compile a predictor's program for this batch shape:
+  what its first call adds to a run (jax's ahead-of-time API, so that no run is timed and
+  subtracted: a first call less a later one carries the noise of two runs, which at large
+  batches is as large as the compile itself)."""
   start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
+  predictor.jitted.lower(*predictor.arguments(images)).compile()
   return time.perf_counter() - start
 
 
