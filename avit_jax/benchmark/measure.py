@@ -19,10 +19,10 @@ from avit_jax import losses, models
 
 
 def compile_seconds(predictor, images) -> float:
-  """Wall seconds to trace, lower and compile a predictor's program for this batch shape:
-  what its first call adds to a run (jax's ahead-of-time API, so that no run is timed and
-  subtracted: a first call less a later one carries the noise of two runs, which at large
-  batches is as large as the compile itself)."""
+  """Wall seconds to trace, lower and compile a predictor's program for this batch shape,
+  with jax's ahead-of-time API: no run is timed and subtracted (a first call less a later
+  one carries the noise of two runs, at large batches as large as the compile itself, and
+  counts what a first run costs beyond compiling)."""
   start = time.perf_counter()
   predictor.jitted.lower(*predictor.arguments(images)).compile()
   return time.perf_counter() - start
