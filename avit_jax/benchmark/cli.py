@@ -170,8 +170,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--min-seconds', type=float, default=10.0,
                       help='more rounds until this many seconds per batch size have passed')
   parser.add_argument('--compile-repeats', type=int, default=3,
-                      help="first calls of fresh predictors per mode and batch size, whose "
-                      'median gives the first-batch compile time')
+                      help='ahead-of-time compiles of fresh predictors per mode and batch '
+                      'size, whose median gives the first-batch compile time')
   parser.add_argument('--latency-images', type=int, default=32,
                       help='images timed one at a time for the batch-1 latency (0: none)')
   parser.add_argument('--train-batch', type=int, default=16)

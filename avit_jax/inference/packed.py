@@ -101,8 +101,8 @@ def _token_rows(fn, out, first, total, chunk: int):
   the `total` rows from row `first` on (fn token-wise: those rows depend on those rows only).
 
   Whole steps of `chunk` rows (R - first a multiple of it), then the rest in steps of a
-  quarter chunk: two compiled bodies, at most chunk / 4 - 1 rows computed in vain, which matters
-  for small batches, whose layers hold a few hundred rows.
+  quarter chunk: two compiled bodies, at most chunk / 4 - 1 rows computed in vain, which
+  matters for small batches, whose layers hold a few hundred rows.
   """
   small = chunk // 4
 

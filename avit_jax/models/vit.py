@@ -135,22 +135,15 @@ class Block(nnx.Module):
                        key_mask: jax.Array | None = None) -> jax.Array:
     """x + attention(norm1(x)): [B, N, D] -> [B, N, D] (see the class doc for the masks)."""
     with jax.named_scope('attention'):  # a phase of the benchmark's profile
-      qkv = self.qkv(x, mask)
-      attended = self.attn.attend(qkv, mask if mask is not None else key_mask)
-      return self.attention_output(x, attended, mask)
-
-  def qkv(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """The queries, keys and values of norm1(x): token-wise, [..., D] -> [..., 3D]."""
-    if mask is None:
-      return self.attn.qkv(self.norm1(x))
-    m = mask[..., None].astype(x.dtype)
-    return self.attn.qkv(self.norm1(x * m) * m)
-
-  def attention_output(self, x: jax.Array, attended: jax.Array,
-                       mask: jax.Array | None = None) -> jax.Array:
-    """x + the output projection of the attended values [..., D]: token-wise."""
-    del mask  # the attended values of a halted token are dropped by the caller
-    return x + self.drop_path(self.attn.proj_drop(self.attn.proj(attended)))
+      if mask is None:
+        normed = self.norm1(x)
+      else:
+        m = mask[..., None].astype(x.dtype)
+        normed = self.norm1(x * m) * m
+      attended = self.attn.attend(self.attn.qkv(normed),
+                                  mask if mask is not None else key_mask)
+      # A halted token's attended values are dropped by the caller.
+      return x + self.drop_path(self.attn.proj_drop(self.attn.proj(attended)))
 
   def mlp_branch(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """x + mlp(norm2(x)): token-wise, so in eval mode x may be any [..., D] (packed rows)."""
