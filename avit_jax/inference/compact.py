@@ -47,24 +47,27 @@ def default_group(batch: int) -> int:
   return min(4, max(2, batch // 16))
 
 
-def default_length_buckets(layout: str) -> int:
-  """Length buckets per layout: each is a program of its own, compiled with the first batch.
-  Batch 1 (sequence layout) compiles the whole block per length: 4 lengths (steps of N / 4;
-  measured on CPU, DeiT-T batch-1 latency 1.31x dense's with a compile 2.3-2.9x dense's,
-  against 1.45x and 4-6x with 12). Batches (packed layout) compile only the attention core
-  per length, whose padding costs little: 6 lengths (DeiT-T, CPU: batch 64 at 1 % less
-  speed than with 12, compile 2.5x dense's instead of 3.4x; batch 8 2.8-3.1x instead of
-  3.9x)."""
-  return 4 if layout == 'sequence' else 6
+# Attention length buckets (steps of about N / 6: 40, 80, ..., 197 for DeiT): each is a
+# program of its own, compiled with the first batch (the whole block in the sequence
+# layout, the attention branch in the packed one), and a count is rounded up to the next.
+# Measured on CPU, DeiT-T: at batch 1, against 4 lengths, 1.18-1.20x dense's median latency
+# instead of 1.15x (2-core Xeon) at a compile 0.06-0.2 s longer; 12 lengths gave 1.37-1.45x
+# on a 2-core EPYC but compiled 5.7-8.5x dense's time. At batches 6 run as fast as 12
+# (EPYC, batch 64: 1 % slower) and compile in 2.5x dense's time instead of 3.4x.
+LENGTH_BUCKETS = 6
 
 
-def default_row_chunk(model: AViT) -> int:
-  """Rows per step of the token-wise loops: on CPU about 2^18 token floats, at most 704
-  rows (704 rows of DeiT-T, 672 of DeiT-S): as fast per row as whole-batch matmuls, where
-  steps of a quarter of that run 1.5x slower per row; 2048 on accelerators."""
-  if jax.default_backend() != 'cpu':
-    return 2048
-  return min(704, max(128, round((1 << 18) / model.cls_token.shape[-1] / 32) * 32))
+def default_row_chunk() -> int:
+  """Rows per step of the token-wise loops: 1408 on CPU, 2048 on accelerators.
+
+  A step's matmuls run faster per row the more rows they hold, up to about a thousand:
+  measured on CPU, batch 64, against 704-row steps (which a 2-core EPYC ran as fast per row
+  as whole-batch matmuls), 1408 made compact 3-4 points more efficient on a 2-core Xeon
+  with AVX-512 (DeiT-T 0.80 -> 0.83-0.85, DeiT-S 0.89 -> 0.93), at the same compile time.
+  Larger steps gained nothing more there, and a layer's last quarter step computes up to
+  a quarter step of rows in vain.
+  """
+  return 2048 if jax.default_backend() != 'cpu' else 1408
 
 
 class CompactPredictor:
@@ -74,7 +77,7 @@ class CompactPredictor:
   the first batch) against padding (a count is rounded up to the next size):
   sequence_batch: batches up to this size use the sequence layout, larger ones the packed.
   length_buckets: number of attention lengths (multiples of 8, in steps of about N / it);
-    None: `default_length_buckets(layout)`.
+    None: `LENGTH_BUCKETS`.
   group: images per attention group of the packed layout (None: `default_group(batch)`).
   row_chunk: rows per step of the packed layout's token-wise loops at most (None:
     `default_row_chunk`; a quarter of the batch's tokens when that is fewer); a layer runs
@@ -91,7 +94,7 @@ class CompactPredictor:
     self.sequence_batch = sequence_batch
     self.length_buckets = length_buckets
     self.group = group
-    self.row_chunk = row_chunk or default_row_chunk(model)
+    self.row_chunk = row_chunk or default_row_chunk()
     if self.row_chunk % 4:
       raise ValueError(f'row_chunk must be a positive multiple of 4, got {row_chunk}')
     self._params = ParamLeaves(model)
@@ -112,7 +115,7 @@ class CompactPredictor:
     """The layout and bucket sizes used for batches of `batch` images."""
     n = self.tokens
     layout = 'sequence' if batch <= self.sequence_batch else 'packed'
-    lengths = buckets(n, granule(n, self.length_buckets or default_length_buckets(layout)))
+    lengths = buckets(n, granule(n, self.length_buckets or LENGTH_BUCKETS))
     if layout == 'sequence':
       return Plan('sequence', lengths)
     group = min(batch, self.group or default_group(batch))
