@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from avit_jax import config_lib, flops, inference, models
+from avit_jax.inference import compact as compact_lib
 
 DEPTH = 4
 
@@ -193,6 +194,29 @@ def test_work_counts_what_the_program_computes():
     lengths = [min(65, -(-int(g[0]) // 24) * 24) for g in counts.reshape(2, 4) if g[0]]
     assert work['attention_computed'][layer] == sum(4 * n ** 2 for n in lengths)
     assert work['attention_rows_computed'][layer] == sum(4 * n for n in lengths)
+  assert_same_answers(masked, predict(x))
+
+
+def test_larger_groups_at_the_full_length(monkeypatch):
+  """Where a group at the full length reaches GROUP_FLOATS, that length's groups hold more
+  images than the shorter lengths' (here 3 against 2): same answers, and work() walks the
+  sorted images group by group, each group as long as its first image needs."""
+  monkeypatch.setattr(compact_lib, 'GROUP_FLOATS', 3 * 65 * 3 * 64)
+  model = varied_model(4)
+  x = images(8, 4)
+  masked = inference.make_predict_fn(model, 'masked')(x)
+  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, length_buckets=4)
+  plan = predict.plan(8)
+  assert plan.lengths == (24, 48, 65) and plan.groups == (2, 2, 3)
+  work = predict.work(masked.token_depth)
+  active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))
+  for layer in range(DEPTH):
+    counts, image, rows = np.sort(active[:, layer])[::-1], 0, 0
+    while image < 8 and counts[image] > 0:
+      length = next(n for n in plan.lengths if n >= counts[image])
+      group = plan.groups[plan.lengths.index(length)]
+      rows, image = rows + group * length, image + group
+    assert work['attention_rows_computed'][layer] == rows
   assert_same_answers(masked, predict(x))
 
 

@@ -9,10 +9,11 @@ benchmark does: the speed-up is the median of per-round ratios to dense):
                       image: one batched block per layer and nothing else. A bound that no
                       per-image removal reaches, as it ignores that images differ.
   static-groups       the packed layout's work without its bookkeeping: per layer, the
-                      attention branch per group of G images (sorted by count) at their
-                      bucketed length, then the MLP branch as one matmul over the layer's
-                      running rows. Every shape is fixed in the program from the depths.
-                      Each group reads what the group before wrote, as in compact's loop.
+                      attention branch per group of images (sorted by count, in compact's
+                      group sizes) at their bucketed length, then the MLP branch as one
+                      matmul over the layer's running rows. Every shape is fixed in the
+                      program from the depths. Each group reads what the group before
+                      wrote, as in compact's loop.
   static-groups-steps the same with the MLP branch in compact's row steps
   static-groups-concurrent  static-groups with groups that do not depend on each other
                       (each reads the layer's input), which XLA may run at the same time
@@ -72,12 +73,13 @@ def static_groups(model, counts, plan, *, mlp_steps: bool, concurrent: bool):
       count = np.sort(count)[::-1]
       offset = 0
       out = jnp.zeros_like(rows) if concurrent else rows
-      for g in range(0, b, plan.group):
-        members = count[g:g + plan.group]
-        if members[0] == 0:
-          continue
-        length = next(size for size in plan.lengths if size >= members[0])
-        size = members.size * length
+      image = 0
+      while image < b and count[image] > 0:
+        length = next(size for size in plan.lengths if size >= count[image])
+        group = plan.groups[plan.lengths.index(length)]
+        members = np.pad(count[image:image + group], (0, max(0, image + group - b)))
+        image += group
+        size = group * length
         start = min(offset, rows_total - size)
         grouped = jax.lax.dynamic_slice_in_dim(rows, start, size).reshape(-1, length, d)
         valid = jnp.arange(length)[None, :] < jnp.asarray(members)[:, None]

@@ -41,10 +41,21 @@ from avit_jax.models.avit import AViT, AViTOutput
 
 
 def default_group(batch: int) -> int:
-  """Images per attention group: 2 for small batches, whose images' counts differ a lot,
-  up to 4 for 64 and more, where sorting makes neighbours alike (measured on CPU, DeiT-T:
-  groups of 8 pad 13% of the attention rows at batch 64, groups of 4 10%)."""
+  """Images per attention group (see `GROUP_FLOATS` for the full length): 2 for small
+  batches, whose images' counts differ a lot, up to 4 for 64 and more, where sorting makes
+  neighbours alike (measured on CPU, DeiT-T: groups of 8 pad 13% of the attention rows at
+  batch 64, groups of 4 10%)."""
   return min(4, max(2, batch // 16))
+
+
+# Floats of the qkv projection (G x N x 3D) of an attention group at the full length N,
+# where the first layers hold every image whole. XLA on CPU runs the attention core of a
+# layout of more than about 790 000 as one fused kernel, 17-30% faster per image than the
+# four kernels of a smaller one (measured on a 2-core Xeon: DeiT-T from 1379 query rows on,
+# DeiT-S from 720; 8 DeiT-T images at length 197 in 466 us each against 577 us in groups
+# of 4). Shorter lengths keep `default_group`: groups that large there ran no faster at
+# batch 64 (their padding ate the gain).
+GROUP_FLOATS = 800_000
 
 
 # Attention length buckets (steps of about N / 6: 40, 80, ..., 197 for DeiT): each is a
@@ -78,7 +89,9 @@ class CompactPredictor:
   sequence_batch: batches up to this size use the sequence layout, larger ones the packed.
   length_buckets: number of attention lengths (multiples of 8, in steps of about N / it);
     None: `LENGTH_BUCKETS`.
-  group: images per attention group of the packed layout (None: `default_group(batch)`).
+  group: images per attention group of the packed layout at every length (None:
+    `default_group(batch)`, and at the full length N enough images for `GROUP_FLOATS`
+    where the batch has that many).
   row_chunk: rows per step of the packed layout's token-wise loops at most (None:
     `default_row_chunk`; a quarter of the batch's tokens when that is fewer); a layer runs
     whole steps, then quarter steps, so it computes its running rows rounded up to a
@@ -118,11 +131,14 @@ class CompactPredictor:
     lengths = buckets(n, granule(n, self.length_buckets or LENGTH_BUCKETS))
     if layout == 'sequence':
       return Plan('sequence', lengths)
-    group = min(batch, self.group or default_group(batch))
+    groups = (min(batch, self.group or default_group(batch)),) * len(lengths)
+    full = -(-GROUP_FLOATS // (n * 3 * self.model.cls_token.shape[-1]))
+    if not self.group and full <= batch:
+      groups = groups[:-1] + (full,)
     # Small batches (or models) step by a quarter of their rows at most, so that the
     # rounding stays small against a layer's rows.
     chunk_rows = min(self.row_chunk, max(32, -(-batch * n // 128) * 32))
-    return Plan('packed', lengths, group=group, chunk_rows=chunk_rows)
+    return Plan('packed', lengths, groups=groups, chunk_rows=chunk_rows)
 
   def work(self, token_depth) -> dict:
     """What the program computes for halting with these token depths [B, N], layer by
@@ -148,8 +164,9 @@ class CompactPredictor:
         length = fit(counts[0], plan.lengths)
         lengths, size = [length] * batch, batch * length
       else:
-        lengths = [fit(counts[g], plan.lengths) for g in range(0, batch, plan.group)]
-        lengths = [n for n in lengths for _ in range(plan.group)]
+        _, numbers = packed.group_starts(counts, plan.lengths, plan.groups)
+        lengths = [length for length, group, number in zip(plan.lengths, plan.groups, numbers)
+                   for _ in range(int(number) * group)]
         small = plan.chunk_rows // 4
         size = -(-int(counts.sum()) // small) * small
       out['rows_computed'].append(size)

@@ -1,7 +1,7 @@
 """compact's packed layout (batches above 1): the running tokens of the whole batch as rows,
 image after image, the images in decreasing order of running tokens. The block's attention
-branch (`vit.Block.attention_branch`) runs per group of G images, on a [G, n] layout of
-their states padded to the group's longest image; its MLP branch (`vit.Block.mlp_branch`,
+branch (`vit.Block.attention_branch`) runs per group of images, on a [G, n] layout of
+their states padded to the group's longest image (G set per length bucket); its MLP branch (`vit.Block.mlp_branch`,
 two thirds of its weights) on the rows, in a loop of fixed-size steps. A repack after each
 layer drops the halted rows and re-sorts the images without moving the token states (an
 index map). Layers read and write the two halves of one buffer in turn."""
@@ -13,9 +13,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from avit_jax.inference.common import class_logits, removal_output, update_class_output
-from avit_jax.inference.shapes import Plan, bucket_of
+from avit_jax.inference.shapes import Plan
 from avit_jax.models import halting as halting_lib
 
 
@@ -36,52 +37,68 @@ class _Rows:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  """Images in row order, padded to whole groups: counts, images (B on padding) and the
-  first row of each, all int32 [B']."""
+  """Images in row order, then empty slots up to B + the largest group (so that a group
+  starting at any image fits): counts, images (B on slots) and the first row of each, all
+  int32 [B']."""
   counts: jax.Array
   images: jax.Array
   firsts: jax.Array
 
 
-def _layout(counts_by_image, groups: int, group: int) -> _Layout:
+def _layout(counts_by_image, slots: int) -> _Layout:
   """Sorts images by decreasing count (stable) and gives each its first row."""
   batch = counts_by_image.shape[0]
   order = jnp.argsort(-counts_by_image, stable=True).astype(jnp.int32)
-  counts = counts_by_image[order]
-  pad = groups * group - batch
-  counts = jnp.pad(counts, (0, pad))
-  return _Layout(counts=counts, images=jnp.pad(order, (0, pad), constant_values=batch),
+  counts = jnp.pad(counts_by_image[order], (0, slots - batch))
+  return _Layout(counts=counts, images=jnp.pad(order, (0, slots - batch), constant_values=batch),
                  firsts=jnp.cumsum(counts) - counts)
+
+
+def group_starts(counts, lengths, groups):
+  """The groups of the attention branch from images sorted by decreasing count: for each
+  length bucket (longest first), its first image and number of groups.
+
+  A bucket's groups, of groups[k] images each, start at the first image no earlier group
+  holds and cover every image whose count needs that length; its last group fills up with
+  the next images (shorter ones, padded to this length, or empty slots). Works on numpy
+  and jax arrays alike (the benchmark's `work` mirrors the program with it).
+  """
+  xp = jnp if isinstance(counts, jax.Array) else np
+  start, starts, numbers = 0, [], []
+  for k in reversed(range(len(lengths))):
+    needing = xp.sum(counts > (lengths[k - 1] if k else 0))  # images of this length or longer
+    number = xp.maximum(0, -(-(needing - start) // groups[k]))
+    starts.append(start)
+    numbers.append(number)
+    start = start + number * groups[k]
+  return starts[::-1], numbers[::-1]
 
 
 def _attention_groups(block, states, source, write, layout: _Layout, plan: Plan):
   """The block's attention branch, x + attention(norm1(x)), of every image, group by group
-  on [G, n] padded layouts.
+  on [G, n] padded layouts (G = plan.groups[k] images at length n = plan.lengths[k]).
 
   Gathers the states of each group's tokens from `states` [2P, D] through `source` (the
   repack's index map, into the half the last layer wrote) and writes each running token's
   output to its packed position in the other half, which starts at row `write`. The
   token-wise projections run here rather than on the rows: they then compute the padding
   slots too, but need no [P, 3D] qkv buffer, no gathers of 3D-wide rows and no second read
-  of the states (measured on CPU, against the output projection on the rows: as fast at
-  batch 8 and 64, as long to compile). Groups come in decreasing length (the images are
-  sorted), so the groups of each length bucket are a contiguous range: one loop per bucket
-  over its range, each with a body of static shape.
+  of the states (measured on CPU: as fast or faster, as long to compile). The groups of
+  each length are a contiguous range of the sorted images (`group_starts`): one loop per
+  length, each with a body of static shape.
   """
-  group = plan.group
-  group_lengths = bucket_of(layout.counts[::group], plan.lengths)
-  # Every group's indices at the full length, computed once per layer; each bucket's body
-  # slices its group's. Padding slots re-read their image's first row: an image never
+  # Every image's indices at the full length, computed once per layer; each group's body
+  # slices its images'. Padding slots re-read their image's first row: an image never
   # reads another image's rows (whose NaN would survive being masked); they write nowhere.
   with jax.named_scope('layout'):
-    counts = layout.counts.reshape(-1, group)
     position = jnp.arange(plan.lengths[-1])
-    valid = position < counts[..., None]
-    rows = layout.firsts.reshape(-1, group)[..., None] + jnp.where(valid, position, 0)
+    valid = position < layout.counts[:, None]
+    rows = layout.firsts[:, None] + jnp.where(valid, position, 0)
     reads, writes = source[rows], jnp.where(valid, write + rows, states.shape[0])
+    starts, numbers = group_starts(layout.counts, plan.lengths, plan.groups)
 
-  def run_group(length, g, states):
-    take = lambda a: jax.lax.dynamic_slice(a, (g, 0, 0), (1, group, length))[0]  # noqa: E731
+  def run_group(length, group, first, g, states):
+    take = lambda a: jax.lax.dynamic_slice(a, (first + g * group, 0), (group, length))  # noqa: E731
     with jax.named_scope('layout'):
       grouped = states[take(reads)]
     y = block.attention_branch(grouped, key_mask=take(valid))
@@ -89,10 +106,9 @@ def _attention_groups(block, states, source, write, layout: _Layout, plan: Plan)
       return states.at[take(writes)].set(y, mode='drop')
 
   with jax.named_scope('attention'):
-    for length in plan.lengths:
-      states = jax.lax.fori_loop(jnp.sum(group_lengths > length),
-                                 jnp.sum(group_lengths >= length),
-                                 functools.partial(run_group, length), states)
+    for length, group, first, number in zip(plan.lengths, plan.groups, starts, numbers):
+      states = jax.lax.fori_loop(0, number, functools.partial(run_group, length, group, first),
+                                 states)
   return states
 
 
@@ -132,7 +148,7 @@ def _run_block(block, states, source, write, layout: _Layout, plan: Plan):
   return _token_rows(mlp, states, write, total, plan.chunk_rows)
 
 
-def _repack(rows: _Rows, batch: int, groups: int, group: int):
+def _repack(rows: _Rows, batch: int, slots: int):
   """Running rows to the front, image after image in decreasing order of running tokens.
 
   Returns (rows, source, layout): the rows' bookkeeping in the new order, and for each new
@@ -145,7 +161,7 @@ def _repack(rows: _Rows, batch: int, groups: int, group: int):
   running = (rows.state.mask > 0) & (rows.image < batch)
   image = jnp.minimum(rows.image, batch)
   counts = jax.ops.segment_sum(running.astype(jnp.int32), image, num_segments=batch + 1)[:batch]
-  layout = _layout(counts, groups, group)
+  layout = _layout(counts, slots)
   first_by_image = jnp.zeros((batch + 1,), jnp.int32).at[layout.images].set(layout.firsts,
                                                                               mode='drop')
   before = jnp.cumsum(running) - running
@@ -164,8 +180,7 @@ def _repack(rows: _Rows, batch: int, groups: int, group: int):
 def forward(model, blocks, stacked, x, plan: Plan):
   b, n, d = x.shape
   depth = model.depth
-  group = plan.group
-  groups = -(-b // group)
+  slots = b + max(plan.groups)
   chunk = plan.chunk_rows
   # P rows: every token, rounded up to whole MLP steps; rows past B*N never hold a token.
   total_rows = -(-b * n // chunk) * chunk
@@ -176,7 +191,7 @@ def forward(model, blocks, stacked, x, plan: Plan):
                state=jax.tree.map(lambda a: jnp.pad(a, (0, pad)),
                                   halting_lib.init_state((b * n,))))
   x = jnp.pad(x.reshape(b * n, d), ((0, pad), (0, 0)))
-  layout = _layout(jnp.full((b,), n, jnp.int32), groups, group)
+  layout = _layout(jnp.full((b,), n, jnp.int32), slots)
   results = (jnp.zeros((b * n,), jnp.float32), jnp.zeros((b * n,), jnp.float32),
              jnp.zeros((b * depth * n,), jnp.float32))
 
@@ -207,7 +222,7 @@ def forward(model, blocks, stacked, x, plan: Plan):
       class_output = class_output.at[jnp.where(is_class, layout.images, b)].set(updated,
                                                                                 mode='drop')
     with jax.named_scope('repack'):
-      rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, groups, group)
+      rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, slots)
     return states, source, rows, layout, results, class_output
 
   carry = (jnp.concatenate([x, jnp.zeros_like(x)]), jnp.arange(total_rows, dtype=jnp.int32),

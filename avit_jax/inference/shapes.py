@@ -57,5 +57,5 @@ class Plan:
   """The static shape choices of one batch size (see `compact.CompactPredictor.plan`)."""
   layout: str                   # 'sequence' or 'packed'
   lengths: tuple[int, ...]      # attention lengths (tokens per image) to pick from
-  group: int = 1                # packed: images per attention group
+  groups: tuple[int, ...] = ()  # packed: images per attention group at each length
   chunk_rows: int = 1           # packed: rows per step of the token-wise loops
