@@ -1,10 +1,11 @@
 """compact's packed layout (batches above 1): the running tokens of the whole batch as rows,
 image after image, the images in decreasing order of running tokens. The block's attention
-branch (`vit.Block.attention_branch`) runs per group of images, on a [G, n] layout of
-their states padded to the group's longest image (G set per length bucket); its MLP branch (`vit.Block.mlp_branch`,
-two thirds of its weights) on the rows, in a loop of fixed-size steps. A repack after each
-layer drops the halted rows and re-sorts the images without moving the token states (an
-index map). Layers read and write the two halves of one buffer in turn."""
+branch (`vit.Block.attention_branch`) runs per group of images (their number set per
+length bucket), on a [G, n] layout of their states padded to the group's longest image; its
+MLP branch (`vit.Block.mlp_branch`, two thirds of its weights) on the rows, in a loop of
+fixed-size steps. A repack after each layer drops the halted rows and re-sorts the images
+without moving the token states (an index map). Layers read and write the two halves of
+one buffer in turn."""
 
 from __future__ import annotations
 
