@@ -9,12 +9,12 @@ compiled once). Two layouts:
   to a length bucket, the padding masked as keys. Nothing else: no grouping, no packing.
 * packed (larger batches): the running tokens of the whole batch as rows, image after
   image, the images in decreasing order of running tokens. The block's attention branch
-  runs per group of G consecutive images on a [G, n] layout of their states padded to the
-  group's longest image (similar counts, so little padding); its MLP branch (two thirds of
-  the weights' FLOPs) on the rows themselves, in a loop of fixed-size steps (no buckets). A repack
-  after each layer drops the halted rows and re-sorts the images (cumulative sums, no
-  sort over rows) without moving the token states: the next layer reads them through the
-  repack's index map.
+  runs per group of G consecutive images (G set per length bucket) on a [G, n] layout of
+  their states padded to the group's longest image (similar counts, so little padding);
+  its MLP branch (two thirds of the weights' FLOPs) on the rows themselves, in a loop of
+  fixed-size steps (no buckets). A repack after each layer drops the halted rows and
+  re-sorts the images (cumulative sums, no sort over rows) without moving the token
+  states: the next layer reads them through the repack's index map.
 
 In both, one halting step (`AViT.halting_step`) updates every row, only each image's class
 token keeps the output accumulator (the head reads nothing else), and tokens keep running
