@@ -19,29 +19,38 @@ from avit_jax import models
 def _geometry(model_config: ml_collections.ConfigDict):
   c = model_config
   tokens = models.num_tokens(c)
-  hidden = int(c.dim * c.mlp_ratio)
   embed = (tokens - 1) * c.patch * c.patch * c.in_chans * c.dim
-  per_token = 4 * c.dim * c.dim + 2 * c.dim * hidden  # qkv (3 D^2) + proj (D^2) + fc1 + fc2
-  return tokens, embed, per_token, c.dim * c.num_classes
+  return tokens, embed, c.dim * c.num_classes
+
+
+def block_macs(mlp_rows, attention_rows, attention_pairs,
+               model_config: ml_collections.ConfigDict):
+  """Multiply-adds of blocks whose MLP branch (fc1, fc2) runs on `mlp_rows` tokens, whose
+  attention projections (qkv 3 D^2, proj D^2) run on `attention_rows` and whose attention
+  (QK^T and AV) covers `attention_pairs` query-key pairs (the sum of n^2 over the images):
+  what a layout that pads rows computes, as well as what the halting needs."""
+  c = model_config
+  hidden = int(c.dim * c.mlp_ratio)
+  return (mlp_rows * 2 * c.dim * hidden + attention_rows * 4 * c.dim * c.dim
+          + attention_pairs * 2 * c.dim)
 
 
 def layer_macs(active_tokens, model_config: ml_collections.ConfigDict):
   """Multiply-adds of one block run on `active_tokens` tokens (array or number)."""
-  _, _, per_token, _ = _geometry(model_config)
   n = active_tokens
-  return n * per_token + 2 * n * n * model_config.dim
+  return block_macs(n, n, n * n, model_config)
 
 
 def dense_gflops(model_config: ml_collections.ConfigDict) -> float:
   """GMACs of one image through plain DeiT (every token, every layer)."""
-  tokens, embed, _, head = _geometry(model_config)
+  tokens, embed, head = _geometry(model_config)
   layers = model_config.depth * float(layer_macs(tokens, model_config))
   return (embed + layers + head) / 1e9
 
 
 def embed_head_gflops(model_config: ml_collections.ConfigDict) -> float:
   """GMACs of one image outside the blocks: patch embedding and classifier head."""
-  _, embed, _, head = _geometry(model_config)
+  _, embed, head = _geometry(model_config)
   return (embed + head) / 1e9
 
 

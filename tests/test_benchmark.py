@@ -42,6 +42,19 @@ def test_rows_are_consistent():
       work = r['work']
       assert work['layout'] == ('sequence' if r['batch'] == 1 else 'packed')
       assert work['rows_rounding'] >= 1.0 and work['attention_padding'] >= 1.0
+      # The ceiling: multiply-adds the halting needs (the masked model's GFLOPs) over those of
+      # compact's padded shapes, each counted by hand.
+      layers = {k: np.sum(v) for k, v in work['per_layer'].items()}
+      d, hidden = config.dim, int(config.dim * config.mlp_ratio)
+      outside = r['batch'] * flops.embed_head_gflops(config) * 1e9
+      block = lambda mlp, att, pairs: mlp * 2 * d * hidden + att * 4 * d * d + pairs * 2 * d
+      needed = outside + block(layers['rows_running'], layers['rows_running'],
+                               layers['attention_running'])
+      np.testing.assert_allclose(needed, r['batch'] * r['gflops_per_image'] * 1e9, rtol=1e-5)
+      computed = outside + block(layers['rows_computed'], layers['attention_rows_computed'],
+                                 layers['attention_computed'])
+      np.testing.assert_allclose(work['efficiency_ceiling'], needed / computed, rtol=1e-6)
+      assert 0.3 < work['efficiency_ceiling'] <= 1.0
   # The peer's (wall, CPU) seconds are reported as given.
   peer = rows[4]
   assert peer['ms_per_batch'] == 500.0 and peer['cpu_ms_per_batch'] == 900.0
@@ -53,6 +66,7 @@ def test_rows_are_consistent():
   markdown = benchmark.format_markdown(dict(rows=rows, latency=latency))
   assert markdown.count('| 4 | compact |') == 1 and 'PyTorch (transformers ViT)' in markdown
   assert 'Batch-1 latency over 3 images' in markdown
+  assert f'{rows[2]["work"]["efficiency_ceiling"]:.3f} | {rows[2]["efficiency"]:.2f} |' in markdown
 
 
 def test_round_robin_pairs_each_round_and_rotates_the_order():

@@ -32,6 +32,12 @@ def test_hand_worked_small_model():
   np.testing.assert_allclose(flops.gflops_per_image(full, c), [flops.dense_gflops(c)], rtol=1e-6)
 
 
+def test_block_macs_of_a_padded_layout():
+  c = _tiny_geometry()  # D = 2, hidden 4: fc1 + fc2 16, qkv + proj 16 per row, 2 * D per pair
+  np.testing.assert_allclose(flops.block_macs(10, 12, 50, c), 10 * 16 + 12 * 16 + 50 * 4)
+  np.testing.assert_allclose(flops.block_macs(5, 5, 25, c), flops.layer_macs(5, c))
+
+
 def test_summary_fraction():
   c = config_lib.model_config('tiny')
   depth = jnp.full((2, 197), 12.0).at[1, 1:].set(6.0)

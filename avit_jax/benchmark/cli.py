@@ -68,7 +68,7 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
         row.update(capacity_check(out.logits, out.token_depth, masked.logits,
                                   masked.token_depth, capacity, model_config))
       if mode == 'compact':
-        row['work'] = compact_work(predictors['compact'], masked.token_depth)
+        row['work'] = compact_work(predictors['compact'], masked.token_depth, model_config)
       if profile and mode in predictors:
         row['phases'] = phases.phase_times(predictors[mode], x)
       rows.append(row)
@@ -89,14 +89,23 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
   return rows, latency
 
 
-def compact_work(predictor, token_depth) -> dict:
-  """Compact's computed work over what the halting needs, summed over layers."""
+def compact_work(predictor, token_depth, model_config) -> dict:
+  """Compact's computed work over what the halting needs, summed over layers, and the
+  efficiency that work allows: the multiply-adds the halting needs over those compact's
+  shapes compute (its padded rows too), the efficiency it would reach if every multiply-add
+  ran at dense's speed and its bookkeeping were free."""
   work = predictor.work(token_depth)
   total = lambda key: float(sum(work[key]))  # noqa: E731
+  outside = np.asarray(token_depth).shape[0] * flops.embed_head_gflops(model_config) * 1e9
+  needed = outside + flops.block_macs(total('rows_running'), total('rows_running'),
+                                      total('attention_running'), model_config)
+  computed = outside + flops.block_macs(total('rows_computed'), total('attention_rows_computed'),
+                                        total('attention_computed'), model_config)
   return dict(layout=predictor.plan(np.asarray(token_depth).shape[0]).layout,
               rows_rounding=total('rows_computed') / total('rows_running'),
               attention_rows_padding=total('attention_rows_computed') / total('rows_running'),
               attention_padding=total('attention_computed') / total('attention_running'),
+              efficiency_ceiling=needed / computed,
               per_layer={k: [int(v) for v in vs] for k, vs in work.items()})
 
 

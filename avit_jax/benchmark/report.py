@@ -60,7 +60,8 @@ def format_work(rows: list[dict]) -> str:
       lines.append(f'# {r["model"]} batch {r["batch"]}, compact ({w["layout"]} layout): MLP rows '
                    f'computed / running {w["rows_rounding"]:.3f}, attention rows '
                    f'{w["attention_rows_padding"]:.3f}, attention (sum of n^2) '
-                   f'{w["attention_padding"]:.3f}')
+                   f'{w["attention_padding"]:.3f}; efficiency ceiling of this work '
+                   f'{w["efficiency_ceiling"]:.3f}')
   return '\n'.join(lines)
 
 
@@ -114,10 +115,10 @@ def format_markdown(result: dict) -> str:
     work = [r for r in mine if r['mode'] == 'compact']
     if work:
       out += ['', '| batch | layout | MLP rows computed / running | attention rows | attention '
-              '(n^2) |', '|---|---|---|---|---|']
+              '(n^2) | efficiency ceiling | efficiency |', '|---|---|---|---|---|---|---|']
       out += [f'| {r["batch"]} | {r["work"]["layout"]} | {r["work"]["rows_rounding"]:.3f} | '
-              f'{r["work"]["attention_rows_padding"]:.3f} | {r["work"]["attention_padding"]:.3f} |'
-              for r in work]
+              f'{r["work"]["attention_rows_padding"]:.3f} | {r["work"]["attention_padding"]:.3f} | '
+              f'{r["work"]["efficiency_ceiling"]:.3f} | {r["efficiency"]:.2f} |' for r in work]
     profiled = _phase_rows(mine)
     if profiled:
       out += ['', 'Where the time goes: device ms per forward by phase (in brackets, the share '
