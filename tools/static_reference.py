@@ -73,12 +73,15 @@ def static_groups(model, counts, plan, *, mlp_steps: bool, concurrent: bool):
       count = np.sort(count)[::-1]
       offset = 0
       out = jnp.zeros_like(rows) if concurrent else rows
-      image = 0
-      while image < b and count[image] > 0:
-        length = next(size for size in plan.lengths if size >= count[image])
-        group = plan.groups[plan.lengths.index(length)]
-        members = np.pad(count[image:image + group], (0, max(0, image + group - b)))
-        image += group
+      # compact's groups (packed.group_starts), padded with empty slots past the batch.
+      starts, numbers = packed.group_starts(count, plan.lengths, plan.groups)
+      padded = np.pad(count, (0, max(plan.groups)))
+      firsts = sorted((int(first + i * group), length, group)  # in row order
+                      for length, group, first, number in zip(plan.lengths, plan.groups,
+                                                              starts, numbers)
+                      for i in range(int(number)))
+      for image, length, group in firsts:
+        members = padded[image:image + group]
         size = group * length
         start = min(offset, rows_total - size)
         grouped = jax.lax.dynamic_slice_in_dim(rows, start, size).reshape(-1, length, d)

@@ -95,13 +95,14 @@ def compact_work(predictor, token_depth, model_config) -> dict:
   shapes compute (its padded rows too), the efficiency it would reach if every multiply-add
   ran at dense's speed and its bookkeeping were free."""
   work = predictor.work(token_depth)
+  batch = np.asarray(token_depth).shape[0]
   total = lambda key: float(sum(work[key]))  # noqa: E731
-  outside = np.asarray(token_depth).shape[0] * flops.embed_head_gflops(model_config) * 1e9
+  outside = batch * flops.embed_head_gflops(model_config) * 1e9
   needed = outside + flops.block_macs(total('rows_running'), total('rows_running'),
                                       total('attention_running'), model_config)
   computed = outside + flops.block_macs(total('rows_computed'), total('attention_rows_computed'),
                                         total('attention_computed'), model_config)
-  return dict(layout=predictor.plan(np.asarray(token_depth).shape[0]).layout,
+  return dict(layout=predictor.plan(batch).layout,
               rows_rounding=total('rows_computed') / total('rows_running'),
               attention_rows_padding=total('attention_rows_computed') / total('rows_running'),
               attention_padding=total('attention_computed') / total('attention_running'),
