@@ -22,23 +22,15 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0 for multi-host runs (jax.distributed)')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes (multi-host)')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process (multi-host)')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'initialization_timeout', 300, 'seconds a process waits for the others to join (multi-host)')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'seconds without word from a process after which JAX stops the '
+    'others (multi-host: a dead host ends the run instead of hanging it)')
 flags.mark_flags_as_required(['config', 'workdir'])
 # Exit status after SIGTERM (128 + 15, as if killed by it): the run is unfinished, so
 # `main ... && next_step` does not go on; rerun the same command to resume.
 EXIT_PREEMPTED = 143
-
-
-def _maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when flags or the environment (TPU pod, SLURM) say so."""
-  import jax
-
-  if _COORDINATOR.value:
-    if (_NUM_PROCESSES.value or 1) > 1 and jax.default_backend() == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif any(k in os.environ for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
-                                      'JAX_COORDINATOR_ADDRESS')):
-    jax.distributed.initialize()
 
 
 def _check_override_names(argv: list[str]) -> None:
@@ -80,7 +72,13 @@ def main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  _maybe_initialize_distributed()
+  from avit_jax import distributed
+  try:  # before anything starts a JAX backend
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           initialization_timeout=_INIT_TIMEOUT.value,
+                           heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+  except distributed.DistributedError as e:
+    sys.exit(f'error: {e}')
   import jax
 
   from avit_jax import checkpoints, train, validation, workdir
@@ -107,8 +105,7 @@ def main(argv) -> None:
     # data FileNotFoundErrors); a traceback would only hide it.
     logging.error('%s', e)
     sys.exit(f'error: {e}')
-  if (config.mode == 'train' and config.write_depth_maps and config.model.halting
-      and jax.process_index() == 0):
+  if config.mode == 'train' and config.write_depth_maps and config.model.halting:
     from avit_jax import visualize
     visualize.write_training_figures(config, _WORKDIR.value)
 
