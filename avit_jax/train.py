@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,10 +26,11 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from avit_jax import (augment, checkpoints, config_lib, evaluation, finetune, flops,
-                      input_pipeline, losses, models, optim, sharding)
+from avit_jax import (augment, checkpoints, config_lib, distributed, evaluation, finetune,
+                      flops, input_pipeline, losses, models, optim, sharding)
 from avit_jax.metric_writer import MetricWriter
 from avit_jax.validation import validate_config
+from avit_jax import workdir as workdir_lib
 from avit_jax.workdir import Workdir
 
 class NonFiniteLossError(FloatingPointError):
@@ -312,22 +312,6 @@ def check_finite(state: TrainState, config: ml_collections.ConfigDict, reported:
 
 # --- the run -------------------------------------------------------------------------------
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks every step (TPU preemption notice)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint before exiting')
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         devices: Sequence[jax.Device] | None = None) -> dict:
   """mode='eval': the metrics of config.eval_checkpoint (default: the newest step of
@@ -342,7 +326,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   eval_fn = jit_eval_step(graphs, config.model, mesh, params_shardings)
   metrics = evaluate(eval_fn, jax.device_put(params, params_shardings), config, mesh)
   name = os.path.basename(os.path.normpath(directory))
-  metrics.update(step=int(name) if name.isdigit() else 0, checkpoint=os.path.abspath(directory))
+  metrics.update(step=int(name) if name.isdigit() else 0, checkpoint=workdir_lib.resolve(directory))
   writer = MetricWriter(workdir, jax.process_index() == 0)
   writer.evaluation(metrics, split=config.data.eval_split, depth=config.model.depth)
   writer.close()
@@ -365,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     program, state = prepare_training(config, devices)
     manager = checkpoints.TrainCheckpoints(run_dir.path, keep=config.keep_checkpoints)
     writer = MetricWriter(run_dir.path, jax.process_index() == 0)
-    preemption = _Preemption()
+    preemption = distributed.Preemption()
     try:
       state = restore_or_init(manager, state, program.state_shardings)
       start, total = int(state.step), program.total_steps
@@ -382,9 +366,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         batch = sharding.global_batch(next(batches), program.mesh)
         state, metrics = program.train_step(state, batch)
         done = step + 1
-        # Read the SIGTERM flag once: a signal landing between two reads must not stop the
-        # run without the checkpoint of its last step.
-        preempted = preemption.requested
+        # Asked once per step on every process: with several processes it is the point at
+        # which all of them learn of a SIGTERM delivered to any one, at the same step.
+        preempted = preemption.reached(done)
         log_now = done % config.log_every_steps == 0 or done == total
         eval_now = done % eval_every == 0 or done == total
         save_now = eval_now or done % config.checkpoint_every_steps == 0 or preempted
@@ -418,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finally:
       # Wait for the last save while SIGTERM is still only a flag: a kill now would waste it.
       manager.close()
-      preemption.restore()
+      preemption.close()
       writer.close()
   logging.info('trained %d steps in %.1f s', total - start, time.perf_counter() - run_start)
   return last_eval

@@ -1,16 +1,24 @@
-"""The run directory: writable check, one run at a time, same config on resume, atomic JSON."""
+"""The run directory: writable check, one run at a time, same config on resume, atomic JSON.
+
+A run of many processes has one workdir, owned by process 0: it alone locks it and writes
+`config.json`; every process checks a resumed config and that all processes were started
+with the same config. Paths go through etils.epath, so a workdir may be local or a
+`gs://bucket/dir` URL (docs/training.md says what holds on each).
+"""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
 
 import ml_collections
+from etils import epath
 
-from avit_jax import config_lib
+from avit_jax import config_lib, distributed
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
@@ -28,12 +36,28 @@ class WorkdirError(RuntimeError):
   """A workdir that cannot be written, is in use, or holds a run with another config."""
 
 
-def write_json(path: str, obj) -> None:
-  """Writes JSON atomically (temp file + rename): readers never see a half-written file."""
+def is_local(path: str | os.PathLike) -> bool:
+  """Whether `path` is on a local (POSIX) file system rather than a URL such as gs://."""
+  return '://' not in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> str:
+  """A local path made absolute; a URL (gs://...) as it is."""
+  path = os.fspath(path)
+  return os.path.abspath(path) if is_local(path) else path
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+  """Writes JSON so that readers never see a half-written file: on a local disk a temp file
+  renamed over the target; on object stores (gs://) one object write, which is atomic."""
+  text = json.dumps(obj, indent=2, sort_keys=True)
+  if not is_local(path):
+    epath.Path(path).write_text(text)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.json')
   with os.fdopen(fd, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
@@ -48,26 +72,73 @@ def config_differences(saved: dict, current: dict, ignore=frozenset()) -> list[s
           and a.get(n) != b.get(n)]
 
 
-def _has_checkpoint(directory: str) -> bool:
+def _has_checkpoint(directory: epath.Path) -> bool:
   """Whether a finished checkpoint step (a numbered directory) exists: a run that stopped
   before its first checkpoint has nothing a different config could mix with."""
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 class Workdir:
-  """Holds an exclusive lock on WORKDIR for the lifetime of a run (released on exit or crash)."""
+  """A run's directory, held for the lifetime of the run.
 
-  def __init__(self, path: str, config: ml_collections.ConfigDict, *, is_chief: bool = True):
-    self.path = os.path.abspath(path)
+  Process 0 (`is_chief`) makes it, takes an exclusive lock on a local disk (released on
+  exit or crash) and writes config.json; the other processes of the same run take no lock.
+  Collective when the run has several processes: all of them construct it, and an error
+  found by any one (another run holds the workdir, a different config) stops all of them
+  with the same message.
+  """
+
+  def __init__(self, path: str | os.PathLike, config: ml_collections.ConfigDict, *,
+               is_chief: bool = True):
+    self.path = resolve(path)
+    self.config_path = os.path.join(self.path, CONFIG_FILE)
+    self._lock = None
+    current = json.loads(config.to_json_best_effort())
+    chief_error = local_error = None
     try:
-      os.makedirs(self.path, exist_ok=True)
-      probe = os.path.join(self.path, '.write-test')
-      with open(probe, 'w') as f:
-        f.write('ok')
-      os.remove(probe)
+      if is_chief:
+        self._make_writable()
+        self._take_lock()
+      local_error = self._check_config(current, config.get('mode') == 'eval')
+      if is_chief and local_error is None:
+        self._write_config(current, config.get('mode') == 'eval')
+    except WorkdirError as e:
+      local_error = str(e)
+    if is_chief:
+      chief_error = local_error
+    chief_error = distributed.message_from_chief(chief_error)
+    # Every process must have been started with the same config: a host with other
+    # overrides would train another model on its share of the batch.
+    digest = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).digest()
+    same_config = distributed.same_on_all(digest)
+    ok = distributed.agree(local_error is None)
+    if chief_error or not ok or not same_config:
+      self.close()
+      if chief_error:
+        raise WorkdirError(chief_error)
+      if local_error:
+        raise WorkdirError(local_error)
+      if not same_config:
+        raise WorkdirError('the processes of this run were started with different configs; '
+                           'give every process the same --config and --config.* flags')
+      raise WorkdirError(f'another process of this run refused workdir {self.path} (its log '
+                         'says why)')
+
+  def _make_writable(self) -> None:
+    try:
+      root = epath.Path(self.path)
+      root.mkdir(parents=True, exist_ok=True)
+      probe = root / '.write-test'
+      probe.write_text('ok')
+      probe.unlink()
     except OSError as e:
-      raise WorkdirError(f'workdir {self.path} is not writable ({e.strerror}); choose a '
+      raise WorkdirError(f'workdir {self.path} is not writable ({e.strerror or e}); choose a '
                          'directory you can write to with --workdir') from e
+
+  def _take_lock(self) -> None:
+    """An flock on WORKDIR/.lock on a local disk; object stores (gs://) have no lock."""
+    if not is_local(self.path):
+      return
     self._lock = open(os.path.join(self.path, LOCK_FILE), 'a+')
     try:
       fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,20 +154,22 @@ class Workdir:
     self._lock.truncate()
     self._lock.write(str(os.getpid()))
     self._lock.flush()
-    self.config_path = os.path.join(self.path, CONFIG_FILE)
-    current = json.loads(config.to_json_best_effort())
-    evaluating = config.get('mode') == 'eval'
-    if os.path.exists(self.config_path) and _has_checkpoint(os.path.join(self.path, 'checkpoints')):
-      with open(self.config_path) as f:
-        saved = json.load(f)
-      diffs = config_differences(saved, current, INFERENCE_DIALS if evaluating else frozenset())
-      if diffs:
-        self.close()
-        raise WorkdirError(f'workdir {self.path} holds a run with a different config:\n  '
-                           + '\n  '.join(diffs) + '\nuse a new --workdir, or the same config '
-                           'to resume that run')
+
+  def _check_config(self, current: dict, evaluating: bool) -> str | None:
+    """The differences from the config of a run already checkpointed here, as a message."""
+    saved_path = epath.Path(self.config_path)
+    if not (saved_path.exists() and _has_checkpoint(epath.Path(self.path) / 'checkpoints')):
+      return None
+    saved = json.loads(saved_path.read_text())
+    diffs = config_differences(saved, current, INFERENCE_DIALS if evaluating else frozenset())
+    if not diffs:
+      return None
+    return (f'workdir {self.path} holds a run with a different config:\n  '
+            + '\n  '.join(diffs) + '\nuse a new --workdir, or the same config to resume that run')
+
+  def _write_config(self, current: dict, evaluating: bool) -> None:
     # An evaluation leaves the run's config as its training wrote it.
-    if is_chief and not (evaluating and os.path.exists(self.config_path)):
+    if not (evaluating and epath.Path(self.config_path).exists()):
       write_json(self.config_path, current)
 
   def close(self) -> None:

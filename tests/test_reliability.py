@@ -324,15 +324,15 @@ def test_sigterm_between_any_two_reads_still_checkpoints_the_last_step(tmp_path,
   at is checkpointed: here the flag turns true at its 4th read, off the checkpoint schedule."""
   reads = []
 
-  class FlagTrueFromFourthRead:  # stands in for train._Preemption (no signal handler)
-    @property
-    def requested(self):
+  class FlagTrueFromFourthRead:  # stands in for distributed.Preemption (no signal handler)
+    def reached(self, step):
+      del step
       reads.append(len(reads) + 1)
       return len(reads) >= 4
 
-    def restore(self):
+    def close(self):
       pass
-  monkeypatch.setattr(train, '_Preemption', FlagTrueFromFourthRead)
+  monkeypatch.setattr(train.distributed, 'Preemption', FlagTrueFromFourthRead)
   workdir = str(tmp_path / 'run')
   config = _nan_config(fashion_mnist_dir, checkpoint_every_steps=1000)
   with pytest.raises(train.Preempted) as stopped:
