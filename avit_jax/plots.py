@@ -8,9 +8,11 @@ L layers, H x W pixels, G = sqrt(N - 1) patches per side.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
@@ -298,6 +300,9 @@ def easiest_hardest_figure(images: np.ndarray, mean_depth: np.ndarray, *, count:
 
 
 def save(fig: Figure, path: str) -> str:
-  """Writes a figure as PNG at its own size (no tight bbox, so sizes are predictable)."""
-  fig.savefig(path, dpi=DPI, format='png')
+  """Writes a figure as PNG at its own size (no tight bbox, so sizes are predictable), to a
+  local path or a URL such as gs:// (etils.epath)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=DPI, format='png')
+  epath.Path(path).write_bytes(buffer.getvalue())
   return path

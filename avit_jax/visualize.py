@@ -14,6 +14,7 @@ The drawing itself lives in avit_jax/plots.py; this module loads, runs the model
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from avit_jax import checkpoints, config_lib, losses, plots
@@ -199,7 +201,7 @@ def write_figures(outputs: Mapping[str, np.ndarray], display_images: np.ndarray,
   outputs: from `run_model`; display_images: float [B, H, W, C] in [0, 1].
   """
   depth_map_dir = os.path.join(out_dir, 'depth_maps')
-  os.makedirs(depth_map_dir, exist_ok=True)
+  epath.Path(depth_map_dir).mkdir(parents=True, exist_ok=True)
   token_depth, scores = outputs['token_depth'], outputs['halting_scores']
   count, depth = scores.shape[0], scores.shape[1]
   predictions = np.argmax(outputs['logits'], -1) if 'logits' in outputs else None
@@ -236,8 +238,8 @@ def write_figures(outputs: Mapping[str, np.ndarray], display_images: np.ndarray,
     written.append(plots.save(fig, os.path.join(out_dir, name)))
   if display_images.shape[1] == display_images.shape[2]:
     path = os.path.join(out_dir, 'content_depth.json')
-    with open(path, 'w') as f:
-      json.dump(plots.content_depths(display_images, token_depth), f, indent=2)
+    epath.Path(path).write_text(
+        json.dumps(plots.content_depths(display_images, token_depth), indent=2))
     written.append(path)
 
   arrays = dict(token_depth=token_depth, halting_scores=scores, names=np.asarray(names),
@@ -247,7 +249,9 @@ def write_figures(outputs: Mapping[str, np.ndarray], display_images: np.ndarray,
   if predictions is not None:
     arrays['predictions'] = predictions
   npz = os.path.join(out_dir, 'depths.npz')
-  np.savez_compressed(npz, **arrays)
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  epath.Path(npz).write_bytes(buffer.getvalue())
   written.append(npz)
   return written
 
@@ -277,8 +281,16 @@ def write_run_figures(model: AViT, images: np.ndarray, labels: np.ndarray | None
 def write_training_figures(config: ml_collections.ConfigDict, workdir: str,
                            count: int = 64) -> list[str]:
   """The figures of a training run: its newest checkpoint on the first `count` images of
-  the eval split, into WORKDIR/figures (what `python -m avit_jax.main` writes at the end)."""
+  the eval split, into WORKDIR/figures (what `python -m avit_jax.main` writes at the end).
+
+  With several processes every one of them must call it (reading a checkpoint is collective
+  in orbax); process 0 alone draws and writes, the others return [].
+  """
+  import jax
+
   model, _ = load_model(workdir)
+  if jax.process_index() != 0:
+    return []
   images, labels = eval_split_images(config, count)
   out_dir = os.path.join(workdir, 'figures')
   files = write_run_figures(model, images, labels, out_dir, mean=config.data.mean,
