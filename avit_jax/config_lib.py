@@ -80,6 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
       std=(0.229, 0.224, 0.225),
       crop_pct=0.875,
       prefetch=2,
+      # The train order is defined over this many shards (0: one per process); each process
+      # reads shards // processes of them. Fixing it makes a run's batches the same on any
+      # number of processes (a pod run replayed on one host).
+      shards=0,
   ))
 
   config.aug = ml_collections.ConfigDict(dict(

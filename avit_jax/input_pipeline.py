@@ -223,19 +223,35 @@ def train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
   """Infinite iterator over this process's share of each global train batch.
 
   Yields dict(images=float32 [b, S, S, 3] normalised, labels=int32 [b]), b = batch_size / P.
-  The batch at step s depends only on (config.seed, s, process index, P): starting at
-  `start_step` yields what an uninterrupted iterator yields from that step on.
+  The order is defined over config.data.shards shards (0: P), each process reading its
+  contiguous block of them: the batch at step s depends only on (config.seed, s, shard,
+  shards), and starting at `start_step` yields what an uninterrupted iterator yields from
+  that step on.
   """
   data_sources.check_config(config.data)
   host, hosts = _process(process_index, process_count)
-  batch = _per_host(config.batch_size, hosts, 'batch_size')
+  shards = config.data.shards or hosts
+  if shards % hosts:
+    raise ValueError(f'config.data.shards={shards} must be a multiple of the number of '
+                     f'processes ({hosts}), or 0 (one per process)')
+  batch = _per_host(config.batch_size, shards, 'batch_size')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
+  per_process = shards // hosts
+  parts = [_shard_train(config, host * per_process + i, shards, batch, start_step)
+           for i in range(per_process)]
+  if per_process == 1:
+    return parts[0]
+  return ({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+          for batches in zip(*parts))
+
+
+def _shard_train(config, shard: int, shards: int, batch: int, start_step: int):
   if _streams(config):
-    return _tfds_train(config, host, hosts, batch, start_step)
+    return _tfds_train(config, shard, shards, batch, start_step)
   table = data_sources.table(config, config.data.train_split)
   _check_labels(config, table.labels, table.name)
-  return _table_train(config, table, host, hosts, batch, start_step)
+  return _table_train(config, table, shard, shards, batch, start_step)
 
 
 def _padded(ds: tf.data.Dataset, image_size: int, total: int, batch: int) -> tf.data.Dataset:

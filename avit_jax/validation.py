@@ -39,6 +39,11 @@ def _check_run_lengths(config: ml_collections.ConfigDict, devices: int) -> None:
     if value % devices:
       raise config_lib.invalid(field, value, f'must be divisible by the number of devices '
                                              f'({devices}); use a multiple of {devices}')
+  shards = config.data.shards
+  if shards < 0 or (shards and (shards % jax.process_count() or config.batch_size % shards)):
+    raise config_lib.invalid('data.shards', shards, f'expected 0 (one per process) or a multiple '
+                             f'of the number of processes ({jax.process_count()}) that divides '
+                             f'batch_size ({config.batch_size})')
   for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] <= 0:
       raise config_lib.invalid(field, config[field], 'expected a positive integer')
