@@ -8,9 +8,10 @@ config.data.source picks the data:
   'fashion_mnist'  gzipped IDX files in data_dir, else tfds 'fashion_mnist' (on disk, or downloaded
                    once its server answers a quick check).
 
-Order. Host h of P reads only examples h, h + P, h + 2P, ... of a split (tfds:
+Order. Shard h of P (one shard per process, or config.data.shards of them, each process
+reading a contiguous block) holds only examples h, h + P, h + 2P, ... of a split (tfds:
 `split_for_jax_process`). Train batches never straddle epochs: an epoch is floor(n_h / b)
-batches of b = batch_size / P examples; the example at host position q (= step * b + k)
+batches of b = batch_size / P examples; the example at shard position q (= step * b + k)
 is permutation(seed, epoch, h)[q mod epoch length] and is augmented with a seed folded from
 (seed, h, q). So the batch at step s is a function of (seed, s, h, P), and resuming at step s
 costs nothing for in-memory / folder data (no skipping) and one epoch's partial read of
