@@ -5,7 +5,8 @@ intact step or stop with a clear error, make eval refuse, and never give wrong n
 nothing is deleted.
 
 One tiny run (module fixture, with EMA so every item kind exists); every case works on a
-copy of its workdir.
+copy of its workdir. Arrays split over the 8 devices (mesh.fsdp = 8) and over two processes
+get one checksum per shard, and a flipped byte names its shard; gs:// paths go through epath.
 """
 
 import json
@@ -13,8 +14,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import textwrap
 import zlib
 
 import jax
@@ -22,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils.epath import gpath, testing as epath_testing
 from flax import nnx
 
-from avit_jax import checkpoints, train
+from avit_jax import checkpoints, sharding, train
 from tests.test_reliability import FLAGS, REPO
 from tests.test_train import tiny_config
 
@@ -446,3 +450,375 @@ def test_unreadable_directories_give_one_clear_error(tmp_path):
   assert 'Write it again' in str(error.value)
   with pytest.raises(checkpoints.CheckpointError, match='is not an avit_jax checkpoint'):
     checkpoints.load_params(str(tmp_path))
+
+
+# -- arrays split over devices (mesh.fsdp = 8), several processes, gs:// paths --------------
+
+
+def fsdp_mesh():
+  """Every device on the fsdp axis (the 8 fake CPU devices)."""
+  return sharding.make_mesh(_config(**{'mesh.fsdp': 8}).mesh)
+
+
+def _shard_crc32s(value: np.ndarray, dim: int, parts: int = 8) -> dict[str, str]:
+  """{'0:32,16:32': crc32}: `value` cut in `parts` equal slices along `dim`, by hand."""
+  size = value.shape[dim] // parts
+  out = {}
+  for k in range(parts):
+    bounds = [(0, n) for n in value.shape]
+    bounds[dim] = (k * size, (k + 1) * size)
+    piece = value[tuple(slice(a, b) for a, b in bounds)]
+    out[','.join(f'{a}:{b}' for a, b in bounds)] = (
+        f'{zlib.crc32(np.ascontiguousarray(piece).tobytes()):08x}')
+  return out
+
+
+def test_fsdp_save_records_one_crc32_per_shard(run, intact, tmp_path):
+  """The trained state split over the 8 devices and saved by the trainer: each split array
+  has one crc32 per shard, equal to the crc32 of that numpy slice; every reader verifies."""
+  mesh = fsdp_mesh()
+  shardings = train.state_shardings(mesh, run['state'])
+  state = jax.device_put(_resume(run, run['workdir']), shardings)
+  workdir = str(tmp_path / 'fsdp')
+  manager = checkpoints.TrainCheckpoints(workdir, keep=10, async_save=False)
+  try:
+    train.save_checkpoint(manager, state, run['config'], steps_per_epoch=100)
+  finally:
+    manager.close()
+  step4 = os.path.join(workdir, 'checkpoints', '4')
+  with open(os.path.join(step4, 'metadata', 'metadata')) as f:
+    field = json.load(f)['checksums']
+  split = 0
+  for item in ITEMS:
+    tree = getattr(state, item)
+    tree = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    assert len(field['arrays'][item]) == len(leaves)
+    for path, x in leaves:
+      name, value = checkpoints.integrity.path_name(path), np.asarray(x)
+      record = field['arrays'][item][name]
+      head = {'dtype': str(value.dtype), 'shape': list(value.shape)}
+      if 'fsdp' in tuple(x.sharding.spec):
+        split += 1
+        shards = _shard_crc32s(value, tuple(x.sharding.spec).index('fsdp'))
+        assert record == {**head, 'shards': shards}, (item, name)
+      else:  # replicated (no dimension divides by 8, or a scalar): one crc32, as before
+        crc = f'{zlib.crc32(np.ascontiguousarray(value).tobytes()):08x}'
+        assert record == {**head, 'crc32': crc}, (item, name)
+  # Per item, the arrays with a dimension divisible by 8 (all but the head's bias and the
+  # step counts), in params, ema_params and AdamW's mu and nu.
+  assert split == 4 * 31
+  # Read onto one host: every shard of every array is checked, and the values are the state's.
+  check = checkpoints.check_step(step4)
+  assert check.ok and check.arrays_verified == 130, check.problems
+  _assert_bitwise(_flat(checkpoints.load_params(step4)[0]), intact[4][1])
+  # Resumed onto the same split: each shard checked where it is held.
+  resumed = _resume_onto(run, workdir, shardings)
+  assert int(resumed.step) == 4
+  for item in ITEMS:
+    _assert_bitwise(_flat(getattr(resumed, item)), intact[4][0][item], item)
+    assert all('fsdp' in tuple(x.sharding.spec) for x in jax.tree.leaves(
+        getattr(resumed, item)) if x.ndim == 2)
+
+
+def _resume_onto(run, workdir, shardings):
+  manager = checkpoints.TrainCheckpoints(workdir, keep=10, async_save=False)
+  try:
+    return train.restore_or_init(manager, run['state'], shardings)
+  finally:
+    manager.close()
+
+
+def split_trees(step: int) -> tuple[dict, dict]:
+  """(params, opt_state) of random int32 values for step `step`: incompressible, so each
+  shard's bytes lie as they are in the OCDBT data file, where a test can flip one of them."""
+  r = np.random.default_rng(step)
+  return ({'w': r.integers(-2**31, 2**31 - 1, (64, 512), dtype=np.int32),
+           'b': r.standard_normal(10).astype(np.float32)},
+          {'count': np.int32(step), 'mu': r.integers(-2**31, 2**31 - 1, (1024,), dtype=np.int32)})
+
+
+def abstract_tree(tree, mesh):
+  """ShapeDtypeStructs of `tree` carrying the fsdp shardings of `mesh`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, sharding.tree_shardings(mesh, tree))
+
+
+@pytest.fixture(scope='module')
+def split_workdir(tmp_path_factory):
+  """A trainer workdir with steps 2 and 4 of split_trees saved split over the 8 devices."""
+  workdir = str(tmp_path_factory.mktemp('split'))
+  mesh = fsdp_mesh()
+  manager = checkpoints.TrainCheckpoints(workdir, keep=10, async_save=False)
+  try:
+    for step in (2, 4):
+      params, opt_state = split_trees(step)
+      put = lambda t: jax.device_put(t, sharding.tree_shardings(mesh, t))
+      manager.save(step, params=put(params), opt_state=put(opt_state), ema_params=None,
+                   train={'step': step}, metadata={'source': 'test'})
+  finally:
+    manager.close()
+  return workdir
+
+
+def flip_in_shard(step_dir: str, value: np.ndarray, bounds) -> np.ndarray:
+  """Inverts one byte in the middle of the stored data of `value`'s shard `bounds` (its
+  bytes found in the step's data files); returns `value` as it now reads."""
+  box = tuple(slice(a, b) for a, b in bounds)
+  piece = np.array(value[box], order='C')
+  data = piece.tobytes()
+  found = []
+  for folder, _, names in os.walk(step_dir):
+    for name in names:
+      with open(os.path.join(folder, name), 'rb') as f:
+        blob = f.read()
+      found += [(os.path.join(folder, name), blob.find(data))] * blob.count(data)
+  assert len(found) == 1, found  # exactly one stored copy of the shard
+  path, at = found[0]
+  with open(path, 'r+b') as f:
+    f.seek(at + len(data) // 2)
+    byte = f.read(1)[0]
+    f.seek(at + len(data) // 2)
+    f.write(bytes([byte ^ 0xFF]))
+  piece.reshape(-1).view(np.uint8)[len(data) // 2] ^= 0xFF
+  damaged = value.copy()
+  damaged[box] = piece
+  return damaged
+
+
+def _crc(value) -> str:
+  return f'{zlib.crc32(np.ascontiguousarray(value).tobytes()):08x}'
+
+
+def _restore_raw(step_dir: str, abstract) -> dict:
+  """params of a step as orbax restores them onto `abstract`, unverified."""
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(step_dir, ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))['params']
+
+
+def _resume_split(workdir: str):
+  mesh = fsdp_mesh()
+  params, opt_state = split_trees(2)
+  manager = checkpoints.TrainCheckpoints(workdir, keep=10, async_save=False)
+  try:
+    return manager.restore_latest(abstract_params=abstract_tree(params, mesh),
+                                  abstract_opt_state=abstract_tree(opt_state, mesh))
+  finally:
+    manager.close()
+
+
+def test_a_byte_flipped_in_one_shard_is_found_and_resume_falls_back(split_workdir, tmp_path,
+                                                                     caplog):
+  workdir = str(tmp_path / 'workdir')
+  shutil.copytree(split_workdir, workdir)
+  root = os.path.join(workdir, 'checkpoints')
+  step4 = os.path.join(root, '4')
+  params4 = split_trees(4)[0]
+  damaged = flip_in_shard(step4, params4['w'], ((0, 64), (192, 256)))
+  saved, read = _crc(params4['w'][:, 192:256]), _crc(damaged[:, 192:256])
+  assert read != saved
+  with open(os.path.join(step4, 'metadata', 'metadata')) as f:
+    assert json.load(f)['checksums']['arrays']['params']['w']['shards']['0:64,192:256'] == saved
+  line = (f'params/w[0:64,192:256]: crc32 {read} of the data read, {saved} when saved (the '
+          'bytes changed on disk)')
+
+  # Read onto one host (numpy): the array sliced by every recorded index.
+  assert checkpoints.check_step(step4).problems == [line]
+  with pytest.raises(checkpoints.DamagedCheckpointError) as error:
+    checkpoints.load_params(step4)
+  assert str(error.value).startswith(f'checkpoint {step4} is damaged: {line}. The newest '
+                                    'earlier step whose parameters verify is 2')
+  # Restored split: on the saved layout, on 4 devices (each shard holds two recorded ones)
+  # and split along the other dimension (recorded shards span several: the whole array).
+  recorded = checkpoints.check_step(os.path.join(root, '2'))
+  assert recorded.ok and recorded.arrays_verified == 4
+  with open(os.path.join(step4, 'metadata', 'metadata')) as f:
+    records = json.load(f)['checksums']['arrays']['params']
+  mesh4 = sharding.make_mesh(_config(**{'mesh.fsdp': 4}).mesh, jax.devices()[:4])
+  rows = jax.sharding.NamedSharding(fsdp_mesh(), jax.sharding.PartitionSpec('fsdp', None))
+  for abstract in (abstract_tree(params4, fsdp_mesh()), abstract_tree(params4, mesh4),
+                   {**abstract_tree(params4, fsdp_mesh()),
+                    'w': jax.ShapeDtypeStruct((64, 512), np.int32, sharding=rows)}):
+    restored = _restore_raw(step4, abstract)
+    assert restored['w'].sharding == abstract['w'].sharding
+    assert checkpoints.integrity.compare('params', restored, records) == [line]
+
+  # Resume: step 4 is damaged, step 2 restores intact and the run goes on from it.
+  with caplog.at_level(logging.WARNING):
+    restored = _resume_split(workdir)
+  assert restored['train'] == {'step': 2}
+  params2, opt_state2 = split_trees(2)
+  _assert_bitwise(_flat(restored['params']), _flat(params2))
+  _assert_bitwise(_flat(restored['opt_state']), _flat(opt_state2))
+  assert f'cannot resume from step 4: checkpoint {step4} is damaged: {line}.' in caplog.text
+  assert f'moved damaged checkpoint {step4} to {step4}.corrupt-1' in caplog.text
+  assert 'resuming from step 2, the newest intact checkpoint' in caplog.text
+  assert sorted(os.listdir(root)) == ['2', '4.corrupt-1']
+
+
+def _whole_array_records(step_dir: str, trees: dict) -> None:
+  """Rewrites a step's checksums as written before per-shard records: one crc32 per array."""
+  path = os.path.join(step_dir, 'metadata', 'metadata')
+  with open(path) as f:
+    metadata = json.load(f)
+  metadata['checksums']['arrays'] = {
+      item: {name: {'crc32': f'{zlib.crc32(np.ascontiguousarray(v).tobytes()):08x}',
+                    'dtype': str(v.dtype), 'shape': list(v.shape)}
+             for name, v in _flat(tree).items()}
+      for item, tree in trees.items()}
+  with open(path, 'w') as f:
+    json.dump(metadata, f)
+
+
+def test_whole_array_records_still_verify(split_workdir, tmp_path, caplog):
+  workdir = str(tmp_path / 'workdir')
+  shutil.copytree(split_workdir, workdir)
+  root = os.path.join(workdir, 'checkpoints')
+  for step in (2, 4):
+    params, opt_state = split_trees(step)
+    _whole_array_records(os.path.join(root, str(step)), {'params': params,
+                                                         'opt_state': opt_state})
+  check = checkpoints.check_step(os.path.join(root, '4'))
+  assert check.ok and check.arrays_verified == 4
+  with caplog.at_level(logging.WARNING):
+    assert _resume_split(workdir)['train'] == {'step': 4}
+  assert 'cannot resume' not in caplog.text
+  # The same damage, named for the whole array.
+  params4 = split_trees(4)[0]
+  damaged = flip_in_shard(os.path.join(root, '4'), params4['w'], ((0, 64), (192, 256)))
+  line = (f'params/w: crc32 {_crc(damaged)} of the data read, {_crc(params4["w"])} when '
+          'saved (the bytes changed on disk)')
+  assert checkpoints.check_step(os.path.join(root, '4')).problems == [line]
+  with caplog.at_level(logging.WARNING):
+    assert _resume_split(workdir)['train'] == {'step': 2}
+  assert f'is damaged: {line}.' in caplog.text
+
+
+def test_checkpoint_paths_may_be_urls(run, tmp_path, capsys, monkeypatch):
+  """gs://bucket/... paths go through etils.epath: here mocked onto a local copy of the run
+  (orbax's TensorStore reads cannot be mocked, so the checks stop at the JSON files)."""
+  # epath sends gs:// to TensorFlow's gfile when TensorFlow is installed, past its mock.
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+  local = str(tmp_path / 'bucket')
+  shutil.copytree(run['workdir'], os.path.join(local, 'run'))
+  to_local = lambda p: str(p).replace('gs://bucket', local, 1)
+  same = lambda fn, path, *args, **kwargs: fn(to_local(path), *args, **kwargs)
+  with epath_testing.mock_epath(exists=same, isdir=same, listdir=same, open=same, stat=same,
+                                rename=lambda fn, path, dst: fn(to_local(path), to_local(dst))):
+    root = 'gs://bucket/run/checkpoints'
+    assert checkpoints.latest_step_dir('gs://bucket/run') == f'{root}/4'
+    assert checkpoints.resolve_checkpoint('gs://bucket/run/') == f'{root}/4'
+    assert checkpoints.resolve_checkpoint(f'{root}/2') == f'{root}/2'
+    with pytest.raises(checkpoints.CheckpointError) as error:
+      checkpoints.load_params('gs://bucket/run')
+    assert str(error.value).startswith('gs://bucket/run is not an avit_jax checkpoint')
+    assert str(error.value).endswith(f'point at one of its steps, e.g. {root}/<step>.')
+    _damage(os.path.join(local, 'run', 'checkpoints', '4', 'train', 'metadata'), 'empty')
+    assert checkpoints.check_step(f'{root}/4').problems == ['train/metadata is empty']
+    assert checkpoints.layout.move_aside(f'{root}/2') == f'{root}/2.corrupt-1'
+    assert checkpoints.main(['verify', 'gs://bucket/run']) == 1
+    assert capsys.readouterr().out == (f'{root}/4: DAMAGED\n  train/metadata is empty\n'
+                                       f'{root}/2.corrupt-1: not checked (moved aside as '
+                                       'damaged)\n0 of 1 checkpoint(s) intact, 1 damaged\n')
+  assert sorted(os.listdir(os.path.join(local, 'run', 'checkpoints'))) == ['2.corrupt-1', '4']
+
+
+TWO_PROCESSES = textwrap.dedent('''
+    import os, sys
+    process_id, port, workdir = sys.argv[1:]
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+    from avit_jax import distributed
+    distributed.initialize(f'127.0.0.1:{port}', 2, int(process_id))
+    import jax
+    import numpy as np
+    from avit_jax import checkpoints, sharding
+    from tests.test_checkpoint_integrity import (abstract_tree, flip_in_shard, fsdp_mesh,
+                                                 split_trees)
+
+    mesh = fsdp_mesh()  # 8 devices, 4 on each process
+    put = lambda t: jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), t,
+        sharding.tree_shardings(mesh, t))
+    manager = checkpoints.TrainCheckpoints(workdir, keep=10, async_save=False)
+    for step in (2, 4):
+      params, opt_state = split_trees(step)
+      manager.save(step, params=put(params), opt_state=put(opt_state), ema_params=None,
+                   train={'step': step}, metadata={})
+    w = put(split_trees(4)[0])['w']
+    held = {(s.index[1].start, s.index[1].stop) for s in w.addressable_shards}
+    assert ((448, 512) in held) == (jax.process_index() == 1), held
+    if jax.process_index() == 0:  # damage a shard that only process 1 reads
+      flip_in_shard(os.path.join(workdir, 'checkpoints', '4'), split_trees(4)[0]['w'],
+                    ((0, 64), (448, 512)))
+    distributed.agree(True)
+    params, opt_state = split_trees(2)
+    restored = manager.restore_latest(abstract_params=abstract_tree(params, mesh),
+                                      abstract_opt_state=abstract_tree(opt_state, mesh))
+    w = restored['params']['w']
+    assert not w.is_fully_addressable
+    for s in w.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(s.data), params['w'][s.index])
+    print('resumed from', restored['train']['step'], 'last good', manager.last_good_step(),
+          flush=True)
+    manager.close()
+''')
+
+
+@pytest.mark.multiprocess
+def test_two_processes_record_every_shard_and_agree_on_a_damaged_one(tmp_path):
+  """2 processes x 4 devices, arrays split over all 8: the saved record holds the crc32s
+  of both processes' shards; a shard damaged where process 1 alone reads it sends both
+  processes back to step 2; the damage is found again when read onto one host."""
+  workdir = str(tmp_path / 'workdir')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, '-c', TWO_PROCESSES, str(i), str(port), workdir],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  for p in procs:
+    try:
+      logs.append(p.communicate(timeout=300)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  root = os.path.join(workdir, 'checkpoints')
+  step4 = os.path.join(root, '4')
+  params4 = split_trees(4)[0]
+  with open(os.path.join(root, '4.corrupt-1', 'metadata', 'metadata')) as f:
+    records = json.load(f)['checksums']['arrays']
+  assert records['params']['w']['shards'] == _shard_crc32s(params4['w'], 1)
+  assert records['opt_state']['mu']['shards'] == _shard_crc32s(split_trees(4)[1]['mu'], 0)
+  assert records['params']['b'] == {'crc32': _crc(params4['b']), 'dtype': 'float32',
+                                    'shape': [10]}
+  damaged = params4['w'].copy()
+  piece = np.array(damaged[:, 448:512], order='C')
+  piece.reshape(-1).view(np.uint8)[piece.nbytes // 2] ^= 0xFF
+  line = (f'params/w[0:64,448:512]: crc32 {_crc(piece)} of the data read, '
+          f'{_crc(params4["w"][:, 448:512])} when saved (the bytes changed on disk)')
+  assert f'cannot resume from step 4: checkpoint {step4} is damaged: {line}.' in logs[1]
+  assert ('cannot resume from step 4: another process found it damaged (its log names the '
+          'problem)') in logs[0]
+  assert f'moved damaged checkpoint {step4} to {step4}.corrupt-1' in logs[0]
+  assert 'moved damaged checkpoint' not in logs[1]
+  for log in logs:
+    assert 'resuming from step 2, the newest intact checkpoint' in log
+    assert 'resumed from 2 last good 2' in log
+  assert sorted(os.listdir(root)) == ['2', '4.corrupt-1']
+  # One host with one device: `verify` slices every shard out of the whole array.
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  result = subprocess.run([sys.executable, '-m', 'avit_jax.checkpoints', 'verify',
+                           f'{step4}.corrupt-1'], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stdout == (f'{step4}.corrupt-1: DAMAGED\n  {line}\n'
+                           '0 of 1 checkpoint(s) intact, 1 damaged\n')
+  check = checkpoints.check_step(os.path.join(root, '2'))
+  assert check.ok and check.arrays_verified == 4

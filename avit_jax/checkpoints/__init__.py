@@ -5,7 +5,8 @@ Layout shared by every writer, so any of them can be read by `load_params`:
   DIR/params/         orbax StandardCheckpointer tree: nested dict of float32 numpy arrays
                       with the model's nnx attribute paths (timm names).
   DIR/metadata/       orbax JSON: {'model': config.model as a dict, 'source': ...,
-                      'checksums': crc32, dtype and shape of every saved array, ...}
+                      'checksums': crc32 (one per shard for an array split over
+                      devices), dtype and shape of every saved array, ...}
 A trainer step directory WORKDIR/checkpoints/<step>/ has the same two items plus the
 optimizer state, so `init_from` and evaluation accept either kind of directory.
 
@@ -13,6 +14,7 @@ Every read is verified: the JSON files it needs must parse and the arrays must m
 checksums recorded when they were written; a checkpoint that fails raises
 DamagedCheckpointError. Checkpoints written before checksums load with a warning.
 `python -m avit_jax.checkpoints verify DIR` checks a checkpoint or every step of a workdir.
+DIR may be local or a URL such as gs://bucket/run (paths go through etils.epath).
 
 Modules: layout (item names, errors, finding steps), integrity (checksums), reading
 (verified reads of one directory), params (parameter checkpoints), fit (parameters against a

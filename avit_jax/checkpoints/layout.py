@@ -1,5 +1,9 @@
 """Where checkpoints live and what goes wrong with them: the item names of a checkpoint
-directory, the errors every reader raises, and finding the steps of a training workdir."""
+directory, the errors every reader raises, and finding the steps of a training workdir.
+
+Paths go through etils.epath (orbax's own path layer), so a directory may be local or a URL
+such as gs://bucket/run; functions take and return str.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 from absl import logging
+from etils import epath
 
 from avit_jax.checkpoints import integrity
 
@@ -32,45 +37,60 @@ class DamagedCheckpointError(CheckpointError):
                      + (f' {advice}' if advice else ''))
 
 
+def is_url(path: str) -> bool:
+  """Whether `path` names a remote file system (gs://bucket/..., s3://...)."""
+  return '://' in str(path)
+
+
+def absolute(path: str) -> str:
+  """`path` as messages name it: a local path made absolute, a URL as written (normalised)."""
+  return str(epath.Path(path)) if is_url(path) else os.path.abspath(path)
+
+
+def join(directory: str, *names: str) -> str:
+  """`directory`/`names`..., for a local path or a URL alike."""
+  return str(epath.Path(directory).joinpath(*names))
+
+
 def is_checkpoint(directory: str) -> bool:
-  return os.path.isdir(os.path.join(directory, PARAMS))
+  return (epath.Path(directory) / PARAMS).is_dir()
 
 
 def move_aside(directory: str) -> str:
   """Renames a damaged step directory to '<step>.corrupt-<n>' (never deletes): orbax only
   lists all-digit names, so the step is gone for the trainer but kept for inspection."""
   n = 1
-  while os.path.exists(f'{directory}.corrupt-{n}'):
+  while epath.Path(f'{directory}.corrupt-{n}').exists():
     n += 1
-  os.rename(directory, f'{directory}.corrupt-{n}')
+  epath.Path(directory).rename(f'{directory}.corrupt-{n}')
   return f'{directory}.corrupt-{n}'
 
 
 def latest_step_dir(workdir: str) -> str:
   """The highest-numbered complete step directory WORKDIR/checkpoints/<step>/."""
-  root = os.path.join(workdir, 'checkpoints')
+  root = join(workdir, 'checkpoints')
   steps = []
-  if os.path.isdir(root):
+  if epath.Path(root).is_dir():
     # Only all-digit names: orbax writes '<step>.orbax-checkpoint-tmp-*' while saving.
-    for n in os.listdir(root):
-      if n.isdigit() and is_checkpoint(os.path.join(root, n)):
+    for n in (p.name for p in epath.Path(root).iterdir()):
+      if n.isdigit() and is_checkpoint(join(root, n)):
         steps.append(int(n))
       elif n.isdigit():
         logging.warning('skipping %s: it has no %s/ (damaged or incomplete; `%s %s` checks '
-                        'every step)', os.path.join(root, n), PARAMS, VERIFY_COMMAND, workdir)
+                        'every step)', join(root, n), PARAMS, VERIFY_COMMAND, workdir)
   if not steps:
     raise CheckpointError(
         f'no checkpoint under {root} (expected numeric step directories such as '
-        f'{os.path.join(root, "1000")} written by `python -m avit_jax.main`); train first or '
+        f'{join(root, "1000")} written by `python -m avit_jax.main`); train first or '
         'name a checkpoint directory itself (e.g. --config.eval_checkpoint=DIR)')
-  return os.path.join(root, str(max(steps)))
+  return join(root, str(max(steps)))
 
 
 def resolve_checkpoint(path: str) -> str:
   """A checkpoint directory itself, or the latest step of a training workdir."""
   if is_checkpoint(path):
     return path
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if (epath.Path(path) / 'checkpoints').is_dir():
     return latest_step_dir(path)
   raise CheckpointError(
       f'{path} is neither a checkpoint (a directory with params/) nor a training workdir '

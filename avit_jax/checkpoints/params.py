@@ -3,15 +3,14 @@ visualisation and the benchmark read (a trainer step directory reads the same wa
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from avit_jax.checkpoints import integrity
 from avit_jax.checkpoints.layout import (METADATA, PARAMS, VERIFY_COMMAND, CheckpointError,
-                                         DamagedCheckpointError, is_checkpoint)
+                                         DamagedCheckpointError, absolute, is_checkpoint, join)
 from avit_jax.checkpoints.reading import (host_sharding, read_metadata, restore_item,
                                           verify_checksums)
 
@@ -22,8 +21,9 @@ def save_params(directory: str, params: dict, metadata: dict, *, force: bool = F
   params: nested dict of arrays; metadata: JSON-serialisable dict (the arrays' checksums
   are added to it). Returns the directory.
   """
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and os.listdir(directory):
+  directory = absolute(directory)
+  path = epath.Path(directory)
+  if path.exists() and any(path.iterdir()):
     if not force:
       raise FileExistsError(f'{directory} exists and is not empty; pass --force to replace it '
                             'or choose another --out directory')
@@ -32,7 +32,7 @@ def save_params(directory: str, params: dict, metadata: dict, *, force: bool = F
   # Orbax writes into a temporary directory and renames it on success, so a crash
   # mid-write never leaves a half-written checkpoint under `directory`.
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(directory, ocp.args.Composite(**{
+    checkpointer.save(path, ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(params),
         METADATA: ocp.args.JsonSave(metadata),
     }), force=force)
@@ -43,12 +43,12 @@ def load_params(directory: str) -> tuple[dict, dict]:
   """Reads (params, metadata) from a parameter checkpoint or a trainer step directory, after
   checking the files it reads and the parameters' checksums (DamagedCheckpointError, naming
   the newest intact step of the workdir when there is one)."""
-  directory = os.path.abspath(directory)
+  directory = absolute(directory)
   if not is_checkpoint(directory):
     hint = ''
-    if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    if (epath.Path(directory) / 'checkpoints').is_dir():
       hint = (f' It looks like a training workdir: point at one of its steps, e.g. '
-              f'{os.path.join(directory, "checkpoints", "<step>")}.')
+              f'{join(directory, "checkpoints", "<step>")}.')
     raise CheckpointError(f'{directory} is not an avit_jax checkpoint (expected a '
                           f'{PARAMS}/ subdirectory written by avit_jax.convert or the trainer).'
                           + hint)
@@ -63,7 +63,7 @@ def _read_params(directory: str, *, warn: bool = True) -> tuple[dict, dict]:
   if problems:
     raise DamagedCheckpointError(directory, problems)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    restore = lambda args: checkpointer.restore(directory, args)
+    restore = lambda args: checkpointer.restore(epath.Path(directory), args)
     metadata = read_metadata(directory, restore)
     params = restore_item(directory, restore, PARAMS,
                            ocp.args.StandardRestore(fallback_sharding=host_sharding()))
@@ -75,19 +75,20 @@ def _read_params(directory: str, *, warn: bool = True) -> tuple[dict, dict]:
 
 def _advice(directory: str) -> str:
   """What to do about a damaged checkpoint: another step of its workdir, or rewriting it."""
-  root, name = os.path.split(directory)
-  if not (name.isdigit() and os.path.basename(root) == 'checkpoints'):
+  path = epath.Path(directory)
+  root, name = str(path.parent), path.name
+  if not (name.isdigit() and path.parent.name == 'checkpoints'):
     return (f'Write it again (e.g. `python -m avit_jax.convert ... --force`) or restore it from '
             f'a copy; `{VERIFY_COMMAND} {directory}` lists what is wrong.')
-  workdir = os.path.dirname(root)
-  for step in sorted((int(n) for n in os.listdir(root) if n.isdigit() and int(n) < int(name)),
-                     reverse=True):
+  workdir = str(path.parent.parent)
+  steps = (int(p.name) for p in path.parent.iterdir() if p.name.isdigit())
+  for step in sorted((s for s in steps if s < int(name)), reverse=True):
     try:
-      _read_params(os.path.join(root, str(step)), warn=False)
+      _read_params(join(root, str(step)), warn=False)
     except CheckpointError:
       continue
     return (f'The newest earlier step whose parameters verify is {step}: evaluate it with '
-            f'--config.eval_checkpoint={os.path.join(root, str(step))}; a training run on this '
+            f'--config.eval_checkpoint={join(root, str(step))}; a training run on this '
             f'workdir moves step {name} aside and resumes from the newest intact step. '
             f'`{VERIFY_COMMAND} {workdir}` checks every step.')
   return (f'No earlier step of {workdir} has parameters that verify; retrain (a new --workdir) '

@@ -4,21 +4,22 @@ checksums recorded at save time (integrity.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from avit_jax.checkpoints import integrity
 from avit_jax.checkpoints.layout import (ARRAY_ITEMS, JSON_ITEMS, METADATA, PARAMS,
-                                         DamagedCheckpointError, is_checkpoint)
+                                         DamagedCheckpointError, absolute, is_checkpoint)
 
 
 def host_sharding() -> jax.sharding.Sharding:
@@ -73,9 +74,9 @@ def silence_abandoned_reads() -> None:
 
 def restore_item(directory: str, restore: Callable[[ocp.args.Composite], Any], name: str,
                   args) -> Any:
-  """One item of a step through `restore` (a Checkpointer's or the manager's); any failure
-  to read it becomes a DamagedCheckpointError naming the item."""
-  if not os.path.isdir(os.path.join(directory, name)):
+  """One item of a step through `restore` (a Checkpointer's or `local_reader`'s); any
+  failure to read it becomes a DamagedCheckpointError naming the item."""
+  if not (epath.Path(directory) / name).is_dir():
     raise DamagedCheckpointError(directory, [f'{name}/ is missing'])
   try:
     return restore(ocp.args.Composite(**{name: args}))[name]
@@ -87,8 +88,8 @@ def restore_item(directory: str, restore: Callable[[ocp.args.Composite], Any], n
 def listed_items(directory: str) -> set[str]:
   """The items the step's _CHECKPOINT_METADATA says it holds (empty when unreadable)."""
   try:
-    with open(os.path.join(directory, '_CHECKPOINT_METADATA')) as f:
-      return set(json.load(f).get('item_handlers') or ())
+    text = (epath.Path(directory) / '_CHECKPOINT_METADATA').read_text()
+    return set(json.loads(text).get('item_handlers') or ())
   except (OSError, ValueError, AttributeError):
     return set()
 
@@ -96,7 +97,7 @@ def listed_items(directory: str) -> set[str]:
 def read_metadata(directory: str, restore) -> dict:
   """The metadata item; {} for a checkpoint written without one (none of this repository's
   writers does that, but older ones may have)."""
-  if not os.path.isdir(os.path.join(directory, METADATA)):
+  if not (epath.Path(directory) / METADATA).is_dir():
     if METADATA in listed_items(directory):
       raise DamagedCheckpointError(directory, [f'{METADATA}/ is missing (the checkpoint '
                                                'lists it in _CHECKPOINT_METADATA)'])
@@ -152,20 +153,23 @@ class StepCheck:
 
 def check_step(directory: str) -> StepCheck:
   """Reads every item of a checkpoint directory (parameter checkpoint or trainer step) and
-  compares every array with its checksum; never raises for a damaged checkpoint."""
-  directory = os.path.abspath(directory)
+  compares every array with its checksum; never raises for a damaged checkpoint.
+
+  Reads on this process alone (no collective); with several processes, an array restored
+  over all of them has each process check the shards it holds, so the verdict is this
+  process's (TrainCheckpoints.last_good_step agrees on it)."""
+  directory = absolute(directory)
   if not is_checkpoint(directory):
     return StepCheck(directory, [f'{PARAMS}/ is missing: not a complete checkpoint'], 0)
-  present = {n for n in ARRAY_ITEMS + JSON_ITEMS if os.path.isdir(os.path.join(directory, n))}
+  present = {n for n in ARRAY_ITEMS + JSON_ITEMS if (epath.Path(directory) / n).is_dir()}
   items = sorted(present | (listed_items(directory) & set(ARRAY_ITEMS + JSON_ITEMS)))
   try:
     problems = integrity.json_problems(directory, tuple(items))
     if problems:
       raise DamagedCheckpointError(directory, problems)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-      restore = lambda args: checkpointer.restore(directory, args)
+    with local_reader(directory) as restore:
       metadata = read_metadata(directory, restore)
-      trees = {n: jax.tree.map(np.asarray, restore_item(
+      trees = {n: jax.tree.map(on_host, restore_item(
           directory, restore, n, ocp.args.StandardRestore(fallback_sharding=host_sharding())))
                for n in ARRAY_ITEMS if n in items}
       if 'train' in items:
@@ -177,9 +181,30 @@ def check_step(directory: str) -> StepCheck:
     return StepCheck(directory, e.problems, 0)
 
 
+def on_host(x):
+  """A numpy copy of `x`, unless it is an array spread over several processes."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x
+  return np.asarray(x)
+
+
+@contextlib.contextmanager
+def local_reader(directory: str) -> Iterator[Callable[[ocp.args.Composite], Any]]:
+  """A restore function for one checkpoint directory that reads on this process alone.
+
+  Orbax's Checkpointer waits at a barrier after each read; a process whose read fails skips
+  it and leaves the others waiting there. Readers through this one finish (intact or
+  damaged) on every process, and the processes then agree on the verdict themselves."""
+  handler = ocp.CompositeCheckpointHandler()
+  try:
+    yield lambda args: handler.restore(epath.Path(directory), args=args)
+  finally:
+    handler.close()
+
+
 def check_train(directory: str, train: Any) -> dict:
   """The trainer's JSON item: a dict whose step is the directory's."""
-  name = os.path.basename(directory)
+  name = epath.Path(directory).name
   if not isinstance(train, dict) or (name.isdigit() and train.get('step') != int(name)):
     raise DamagedCheckpointError(directory, [
         f'train/metadata holds {train!r:.80}, expected {{"step": {name}, ...}}'])

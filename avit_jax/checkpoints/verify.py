@@ -4,30 +4,32 @@ training workdir, and says what is wrong with each damaged one."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from avit_jax.checkpoints.layout import CheckpointError, is_checkpoint, PARAMS
+from etils import epath
+
+from avit_jax.checkpoints.layout import CheckpointError, PARAMS, absolute, is_checkpoint, join
 from avit_jax.checkpoints.reading import check_step
 
 
 def _directories_to_check(path: str) -> tuple[list[str], list[str]]:
   """(checkpoint directories under `path`, notes on entries that are not checked): `path`
   itself when it is a checkpoint, else every step of a workdir (or of its checkpoints/)."""
-  path = os.path.abspath(path)
+  path = absolute(path)
   if is_checkpoint(path):
     return [path], []
-  root = os.path.join(path, 'checkpoints')
-  if not os.path.isdir(root) and os.path.basename(path) == 'checkpoints':
+  root = join(path, 'checkpoints')
+  if not epath.Path(root).is_dir() and epath.Path(path).name == 'checkpoints':
     root = path
-  if not os.path.isdir(root):
+  if not epath.Path(root).is_dir():
     raise CheckpointError(
         f'{path} is neither a checkpoint (a directory with {PARAMS}/) nor a training workdir '
         '(a directory with checkpoints/<step>/)')
-  names = sorted(os.listdir(root), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
-  steps = [os.path.join(root, n) for n in names if n.isdigit()]
-  notes = [f'{os.path.join(root, n)}: not checked ('
+  names = sorted((p.name for p in epath.Path(root).iterdir()),
+                 key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+  steps = [join(root, n) for n in names if n.isdigit()]
+  notes = [f'{join(root, n)}: not checked ('
            + ('moved aside as damaged' if '.corrupt-' in n else 'unfinished write' if
               '.orbax-checkpoint-tmp' in n else 'not a step directory') + ')'
            for n in names if not n.isdigit()]
@@ -45,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       'verify', help='read every item of a checkpoint and compare each array with the '
       'checksum recorded when it was saved')
   verify.add_argument('dir', help='a checkpoint (step directory or parameter checkpoint) or a '
-                      'training workdir (every step is checked)')
+                      'training workdir (every step is checked); local or a URL such as '
+                      'gs://bucket/run')
   args = parser.parse_args(argv)
   try:
     directories, notes = _directories_to_check(args.dir)
