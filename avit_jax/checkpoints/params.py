@@ -11,8 +11,8 @@ from etils import epath
 from avit_jax.checkpoints import integrity
 from avit_jax.checkpoints.layout import (METADATA, PARAMS, VERIFY_COMMAND, CheckpointError,
                                          DamagedCheckpointError, absolute, is_checkpoint, join)
-from avit_jax.checkpoints.reading import (host_sharding, read_metadata, restore_item,
-                                          verify_checksums)
+from avit_jax.checkpoints.reading import (local_reader, read_metadata, restore_item,
+                                          verify_checksums, whole_on_host)
 
 
 def save_params(directory: str, params: dict, metadata: dict, *, force: bool = False) -> str:
@@ -62,11 +62,11 @@ def _read_params(directory: str, *, warn: bool = True) -> tuple[dict, dict]:
   problems = integrity.json_problems(directory, (PARAMS, METADATA))
   if problems:
     raise DamagedCheckpointError(directory, problems)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    restore = lambda args: checkpointer.restore(epath.Path(directory), args)
+  # Read on this process alone (no orbax barrier): a reader such as the figures step runs
+  # on one process of a multi-process job.
+  with local_reader(directory) as restore:
     metadata = read_metadata(directory, restore)
-    params = restore_item(directory, restore, PARAMS,
-                           ocp.args.StandardRestore(fallback_sharding=host_sharding()))
+    params = restore_item(directory, restore, PARAMS, whole_on_host(directory, PARAMS))
   params = jax.tree.map(np.asarray, params)
   verify_checksums(directory, metadata, {PARAMS: params}, warn=warn)
   metadata.pop(integrity.FIELD, None)  # the readers' business only

@@ -32,6 +32,19 @@ def host_sharding() -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(device)
 
 
+def whole_on_host(directory: str, name: str) -> ocp.args.StandardRestore:
+  """Restore arguments that put every array of item `name` whole on this process's host
+  device, however it was sharded when saved: with several processes, orbax would otherwise
+  restore a checkpoint written over all of them onto all of them again."""
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / name).tree
+  except Exception as e:  # orbax and TensorStore raise many types: all mean unreadable
+    raise DamagedCheckpointError(directory, [f'{name}/ cannot be read ({reason(e)})']) from e
+  device = host_sharding()
+  return ocp.args.StandardRestore(jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved))
+
+
 def reason(error: BaseException) -> str:
   """An exception as one line: type and first line of each message down its chain, less
   orbax's wrapper around TensorStore reads (its cause names the array and file) and
