@@ -22,9 +22,10 @@ from avit_jax import config_lib, distributed
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
-# Fields a resumed run may change without becoming a different experiment.
+# Fields a resumed run may change without becoming a different experiment (the mesh too:
+# a run may resume on another number of devices or hosts).
 RUN_CONTROL_FIELDS = frozenset({
-    'mode', 'num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
+    'mode', 'mesh', 'num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_checkpoint', 'write_depth_maps',
     'num_eval_images', 'eval_batch_size', 'skip_nonfinite_steps', 'init_from'})
 # Fields an evaluation may change on a trained model: the accuracy-compute dial (a gate
@@ -94,6 +95,13 @@ class Workdir:
     self.config_path = os.path.join(self.path, CONFIG_FILE)
     self._lock = None
     current = json.loads(config.to_json_best_effort())
+    # Every process must have been started with the same config: a host with other
+    # overrides would train another model on its share of the batch. Checked before the
+    # workdir is touched.
+    digest = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).digest()
+    if not distributed.same_on_all(digest):
+      raise WorkdirError('the processes of this run were started with different configs; '
+                         'give every process the same --config and --config.* flags')
     chief_error = local_error = None
     try:
       if is_chief:
@@ -107,22 +115,11 @@ class Workdir:
     if is_chief:
       chief_error = local_error
     chief_error = distributed.message_from_chief(chief_error)
-    # Every process must have been started with the same config: a host with other
-    # overrides would train another model on its share of the batch.
-    digest = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).digest()
-    same_config = distributed.same_on_all(digest)
     ok = distributed.agree(local_error is None)
-    if chief_error or not ok or not same_config:
+    if chief_error or not ok:
       self.close()
-      if chief_error:
-        raise WorkdirError(chief_error)
-      if local_error:
-        raise WorkdirError(local_error)
-      if not same_config:
-        raise WorkdirError('the processes of this run were started with different configs; '
-                           'give every process the same --config and --config.* flags')
-      raise WorkdirError(f'another process of this run refused workdir {self.path} (its log '
-                         'says why)')
+      raise WorkdirError(chief_error or local_error or f'another process of this run refused '
+                         f'workdir {self.path} (its log says why)')
 
   def _make_writable(self) -> None:
     try:
