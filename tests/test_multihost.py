@@ -1,50 +1,41 @@
-"""Multi-host for real on one machine: 2 processes x 4 CPU devices (jax.distributed, gloo)
-must end with the same parameters as 1 process x 8 devices on the same global batches."""
+"""The multi-host command for real on one machine: `python -m avit_jax.main` as 2 processes x
+2 CPU devices (jax.distributed with gloo collectives) sharing one workdir, against 1 process
+x 4 devices on the same global batches (`data.shards=2`). Every process has a deadline, so a
+hang fails the test instead of stalling the suite."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import textwrap
+import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
+
+from avit_jax import config_lib, visualize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE_S = 300  # for one launch of the command, compile and all
+# JAX stops the survivors of a dead process after this many seconds without its heartbeat.
+HEARTBEAT_S = 5
+STEPS = 12  # of the runs compared with the reference run
 
-DRIVER = textwrap.dedent('''
-    import os, sys
-    num_processes, process_id, port, devices, out, data_dir = sys.argv[1:]
-    os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    import jax
-    if int(num_processes) > 1:
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-      jax.distributed.initialize(f'127.0.0.1:{port}', int(num_processes), int(process_id))
-    import numpy as np
-    from flax import nnx
-    from avit_jax import config_lib, input_pipeline, sharding, train
-    sys.path.insert(0, REPO_DIR)
-    from tests.test_train import tiny_config
-    # eps 1e-3: see test_train.test_eight_devices_and_fsdp_match_one_device.
-    config = tiny_config(**{'data.data_dir': data_dir, 'optimizer.eps': 1e-3})
-    program, state = train.prepare_training(config)
-    if int(num_processes) > 1:
-      batches = input_pipeline.train_iterator(config)  # this host's shard only
-    else:  # the same global batches: host 0's shard, then host 1's
-      shards = [input_pipeline.train_iterator(config, process_index=i, process_count=2)
-                for i in range(2)]
-      batches = ({k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-                 for parts in zip(*shards))
-    losses = []
-    for _ in range(3):
-      batch = sharding.global_batch(next(batches), program.mesh)
-      state, metrics = program.train_step(state, batch)
-      losses.append(float(metrics['loss']))
-    params = config_lib.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)))
-    if jax.process_index() == 0:
-      np.savez(os.path.join(out, f'result{num_processes}.npz'), losses=np.array(losses), **params)
-    print('done', jax.process_index(), jax.device_count(), losses)
-''').replace('REPO_DIR', repr(REPO))
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+def _flags(workdir, data_dir, steps: int, extra=()) -> list[str]:
+  return ['--config', os.path.join(REPO, 'configs', 'fashion_mnist.py'), '--workdir', str(workdir),
+          f'--config.data.data_dir={data_dir}', '--config.data.shards=2',
+          '--config.model.dim=32', '--config.model.depth=3', '--config.model.heads=2',
+          '--config.loss.prior_target_depth=2', '--config.batch_size=32',
+          '--config.eval_batch_size=64', f'--config.num_train_steps={steps}',
+          '--config.num_eval_images=256', '--config.log_every_steps=1',
+          f'--config.eval_every_steps={steps}', '--config.checkpoint_every_steps=4',
+          '--config.optimizer.warmup_epochs=0.0', '--config.optimizer.lr=3e-2', *extra]
 
 
 def _free_port() -> int:
@@ -53,35 +44,244 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(num_processes, devices, out, data_dir):
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen([sys.executable, '-c', DRIVER, str(num_processes), str(i), str(port),
-                             str(devices), str(out), data_dir], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(num_processes)]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=600)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  return np.load(os.path.join(out, f'result{num_processes}.npz'))
+class Launch:
+  """One run of the command: `num_processes` processes (1: no jax.distributed flags), each
+  with `devices` fake CPU devices and its own log file."""
+
+  def __init__(self, workdir, data_dir, *, num_processes: int, devices: int, steps: int,
+               extra=(), tag: str = 'run', process_extra=None):
+    self.logs = [str(workdir) + f'.{tag}.{i}.log' for i in range(num_processes)]
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED='1',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    port = _free_port()
+    self.procs = []
+    for i, log in enumerate(self.logs):
+      command = [sys.executable, '-m', 'avit_jax.main', *_flags(workdir, data_dir, steps, extra),
+                 *(process_extra or {}).get(i, ())]
+      if num_processes > 1:
+        command += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
+                    f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_S}']
+      with open(log, 'w') as f:
+        self.procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=f,
+                                           stderr=subprocess.STDOUT))
+
+  def log(self, i: int) -> str:
+    with open(self.logs[i]) as f:
+      return f.read()
+
+  def wait_for_line(self, i: int, text: str, timeout: float = DEADLINE_S) -> None:
+    """Waits until process i's log contains `text`."""
+    deadline = time.monotonic() + timeout
+    while text not in self.log(i):
+      if self.procs[i].poll() is not None or time.monotonic() > deadline:
+        self.kill()
+        raise AssertionError(f'{text!r} never appeared in process {i} log:\n{self.log(i)[-3000:]}')
+      time.sleep(0.2)
+
+  def wait(self, timeout: float = DEADLINE_S) -> list[int]:
+    """Exit codes, after every process ended (killed, with the test failed, at `timeout`)."""
+    deadline = time.monotonic() + timeout
+    for i, p in enumerate(self.procs):
+      try:
+        p.wait(timeout=max(deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        self.kill()
+        raise AssertionError(f'process {i} still running after {timeout} s:\n'
+                             + self.log(i)[-3000:]) from None
+    return [p.returncode for p in self.procs]
+
+  def kill(self) -> None:
+    for p in self.procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+  def succeed(self) -> None:
+    codes = self.wait()
+    for i, code in enumerate(codes):
+      assert code == 0, f'process {i} exited {code}:\n{self.log(i)[-3000:]}'
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_processes_match_one_process(tmp_path, fashion_mnist_dir):
-  two = _run(2, 4, tmp_path, fashion_mnist_dir)
-  one = _run(1, 8, tmp_path, fashion_mnist_dir)
-  assert two['losses'][0] != two['losses'][1]  # really different batches each step
-  np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-5)
-  assert set(two.files) == set(one.files)
-  for name in one.files:
-    np.testing.assert_allclose(two[name], one[name], rtol=1e-5,
-                               atol=1e-5 * np.abs(one[name]).max(), err_msg=name)
+def _eval(workdir) -> dict:
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    return json.load(f)
+
+
+def _assert_same_metrics(a: dict, b: dict) -> None:
+  """The same model on the same images: exact counts and depths, the loss to float rounding
+  (the processes add their partial sums in another order)."""
+  for key in ('step', 'num_images', 'top1', 'top5'):
+    assert a[key] == b[key], (key, a[key], b[key])
+  for key in ('mean_token_depth', 'gflops_per_image', 'eval_loss'):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_allclose(a['active_token_fraction_per_layer'],
+                             b['active_token_fraction_per_layer'], rtol=1e-6)
+
+
+def _stopped_step(log: str) -> int:
+  line = next(l for l in log.splitlines() if 'SIGTERM: stopped at step' in l)
+  return int(line.split('stopped at step ')[1].split()[0])
+
+
+def _steps(workdir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+def _params(model) -> dict:
+  return config_lib.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+
+def _verify(path) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'avit_jax.checkpoints', 'verify', str(path)],
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                        text=True, timeout=DEADLINE_S)
+
+
+@pytest.fixture(scope='module')
+def single(tmp_path_factory, fashion_mnist_dir):
+  """1 process x 4 devices, STEPS steps: the reference run."""
+  workdir = tmp_path_factory.mktemp('single') / 'run'
+  Launch(workdir, fashion_mnist_dir, num_processes=1, devices=4, steps=STEPS,
+         extra=['--config.write_depth_maps=False']).succeed()
+  return workdir
+
+
+def test_two_processes_train_evaluate_and_write_figures_as_one(single, tmp_path,
+                                                               fashion_mnist_dir):
+  workdir = tmp_path / 'pod'
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS)
+  run.succeed()
+  pod = _eval(workdir)
+  _assert_same_metrics(pod, _eval(single))
+  assert pod['num_images'] == 256
+  # Process 0 alone writes the figures, config.json, eval.json and events.
+  assert 'wrote 16 figures' in run.log(0) and 'figures' not in run.log(1)
+  assert len(os.listdir(workdir / 'figures' / 'depth_maps')) == 8
+  assert len([n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]) == 1
+  assert _steps(workdir) == [4, 8, 12]
+  # Its checkpoints read and verify in one process, and evaluate to the same metrics.
+  checked = _verify(workdir)
+  assert checked.returncode == 0 and '3 of 3 checkpoint(s) intact' in checked.stdout, checked
+  evaluation = Launch(workdir, fashion_mnist_dir, num_processes=1, devices=1, steps=STEPS,
+                      extra=['--mode=eval'], tag='eval')
+  evaluation.succeed()
+  _assert_same_metrics(_eval(workdir), _eval(single))
+  # The loader of visualize, tradeoff and the benchmark reads it: the parameters trained on
+  # two processes are those trained on one, to the rounding of sums taken in another order
+  # (which Adam's normalisation enlarges for parameters whose gradients are near zero).
+  pod_params = _params(visualize.load_model(str(workdir))[0])
+  single_params = _params(visualize.load_model(str(single))[0])
+  assert pod_params.keys() == single_params.keys()
+  for name, value in single_params.items():
+    np.testing.assert_allclose(pod_params[name], value, rtol=1e-3,
+                               atol=1e-3 * np.abs(value).max(), err_msg=name)
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step(single, tmp_path,
+                                                                 fashion_mnist_dir):
+  workdir = tmp_path / 'pod'
+  steps, extra = STEPS, ['--config.write_depth_maps=False']
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=steps, extra=extra)
+  run.wait_for_line(1, f'step 2/{steps}')
+  run.procs[1].send_signal(signal.SIGTERM)
+  assert run.wait() == [143, 143], (run.log(0)[-2000:], run.log(1)[-2000:])
+  stopped = {_stopped_step(run.log(i)) for i in (0, 1)}
+  assert len(stopped) == 1, stopped  # the same step on both
+  step = stopped.pop()
+  assert 2 <= step < steps and step in _steps(workdir)
+  # The same commands again resume and end where an uninterrupted run ends.
+  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=steps,
+                   extra=extra, tag='resume')
+  resumed.succeed()
+  assert f'resumed from {workdir}/checkpoints/{step}' in resumed.log(0)
+  _assert_same_metrics(_eval(workdir), _eval(single))
+
+
+def test_a_second_run_is_refused_and_a_dead_process_stops_the_other(tmp_path,
+                                                                     fashion_mnist_dir):
+  workdir = tmp_path / 'pod'
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=10_000)
+  run.wait_for_line(0, 'step 5/')  # the checkpoint of step 4 is written
+  # Another run on the same workdir: every one of its processes is refused, with the reason.
+  second = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=10_000,
+                  tag='second')
+  assert second.wait() == [1, 1]
+  for i in (0, 1):
+    assert 'another run (pid' in second.log(i) and 'is using workdir' in second.log(i)
+  # kill -9 of one process: the other stops on JAX's heartbeat, with a message, in bounded time.
+  run.procs[1].kill()
+  killed_at = time.monotonic()
+  code = run.wait(timeout=HEARTBEAT_S + 60)
+  assert code[0] != 0
+  assert time.monotonic() - killed_at < HEARTBEAT_S + 60
+  assert 'another task died' in run.log(0) or 'Gloo' in run.log(0), run.log(0)[-3000:]
+  # The same commands resume from the newest intact step (a shorter run: steps may change).
+  newest = max(_steps(workdir))
+  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=newest + 4,
+                   extra=['--config.write_depth_maps=False'], tag='resume')
+  resumed.succeed()
+  assert f'resumed from {workdir}/checkpoints/' in resumed.log(0)
+  assert _eval(workdir)['step'] == newest + 4
+
+
+def test_a_damaged_shard_on_one_host_is_found_and_every_process_falls_back(tmp_path,
+                                                                          fashion_mnist_dir):
+  workdir = tmp_path / 'pod'
+  fsdp = ['--config.mesh.fsdp=4']  # every array split over both processes
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=8, extra=fsdp)
+  run.succeed()
+  assert 'wrote 16 figures' in run.log(0)  # from parameters no process holds whole
+  # Flip one byte in the middle of the largest array file process 1 wrote for step 8.
+  data = workdir / 'checkpoints' / '8' / 'params' / 'ocdbt.process_1' / 'd'
+  target = max(data.iterdir(), key=lambda p: p.stat().st_size)
+  raw = bytearray(target.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  target.write_bytes(bytes(raw))
+  checked = _verify(workdir)
+  assert checked.returncode == 1, checked
+  assert f'{workdir}/checkpoints/8: DAMAGED' in checked.stdout
+  assert '1 of 2 checkpoint(s) intact, 1 damaged' in checked.stdout
+  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=12,
+                   extra=fsdp + ['--config.write_depth_maps=False'], tag='resume')
+  resumed.succeed()
+  for i in (0, 1):
+    assert 'resuming from step 4, the newest intact checkpoint' in resumed.log(i)
+  assert 'moved damaged checkpoint' in resumed.log(0)
+  assert _steps(workdir) == [4, 8, 12]  # step 8 written anew
+  assert _eval(workdir)['step'] == 12
+
+
+def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path, fashion_mnist_dir):
+  port = _free_port()  # nobody listens there
+  command = [sys.executable, '-m', 'avit_jax.main',
+             *_flags(tmp_path / 'run', fashion_mnist_dir, STEPS),
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--process_id=1',
+             '--initialization_timeout=3']
+  start = time.monotonic()
+  done = subprocess.run(command, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                        capture_output=True, text=True, timeout=DEADLINE_S)
+  assert done.returncode == 1
+  assert time.monotonic() - start < 60
+  assert done.stderr.strip().splitlines()[-1] == (
+      f'error: cannot reach the coordinator at 127.0.0.1:{port} within 3 s ([Errno 111] '
+      'Connection refused); start process 0 with the same --coordinator_address, check that '
+      'this host can reach it, or raise --initialization_timeout')
+  assert 'Traceback' not in done.stderr
+  assert not (tmp_path / 'run').exists()  # it stopped before touching the workdir
+  partial = subprocess.run(command[:-3], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                           capture_output=True, text=True, timeout=DEADLINE_S)
+  assert partial.returncode == 1 and partial.stderr.strip().splitlines()[-1] == (
+      'error: --coordinator_address, --num_processes and --process_id go together: give all '
+      'three (or none, on SLURM or a TPU pod)')
+
+
+def test_processes_started_with_different_configs_all_stop(tmp_path, fashion_mnist_dir):
+  workdir = tmp_path / 'pod'
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
+               process_extra={1: ['--config.optimizer.lr=1e-2']})
+  assert run.wait() == [1, 1]
+  for i in (0, 1):
+    assert run.log(i).strip().splitlines()[-1] == (
+        'error: the processes of this run were started with different configs; give every '
+        'process the same --config and --config.* flags')
+  assert not workdir.exists()  # refused before the workdir was made
