@@ -21,13 +21,11 @@ What each client needs to find the emulator (set in every process this test star
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +33,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, CommandRun
+
 BUCKET = 'avit'
 RUN = f'gs://{BUCKET}/run'
 TOTAL_STEPS = 12
@@ -134,65 +133,8 @@ def _env(url: str) -> dict:
   return env
 
 
-class _Run:
-  """`python -m avit_jax.main ... --workdir WORKDIR`, its merged output read by a thread;
-  killed on leaving the `with` block if still running."""
-
-  def __init__(self, workdir: str, data_dir: str, env: dict):
-    self.workdir = workdir
-    self.proc = subprocess.Popen(
-        [sys.executable, '-m', 'avit_jax.main', *_flags(data_dir), '--workdir', workdir],
-        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    self.lines: list[str] = []
-    self._queue: queue.Queue = queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    if self.proc.poll() is None:
-      self.proc.kill()
-      self.proc.wait(timeout=30)
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self._queue.put(line)
-    self._queue.put(None)
-
-  def _drain(self, timeout: float) -> bool:
-    """Reads output for up to `timeout` s; False once it has ended."""
-    try:
-      line = self._queue.get(timeout=timeout)
-    except queue.Empty:
-      return True
-    if line is None:
-      return False
-    self.lines.append(line)
-    return True
-
-  @property
-  def output(self) -> str:
-    return ''.join(self.lines)
-
-  def fail(self, why: str):
-    raise AssertionError(f'{self.workdir}: {why}; output:\n{self.output[-6000:]}')
-
-  def wait_for(self, pattern: str, timeout: float = RUN_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern, self.output):
-      if not self._drain(1.0):
-        self.fail(f'ended without printing {pattern!r}')
-      if time.monotonic() > deadline:
-        self.fail(f'no {pattern!r} within {timeout} s')
-
-  def finish(self, timeout: float = RUN_TIMEOUT_S) -> int:
-    deadline = time.monotonic() + timeout
-    while self._drain(1.0):
-      if time.monotonic() > deadline:
-        self.fail(f'still running after {timeout} s')
-    return self.proc.wait(timeout=30)
+def _run(workdir: str, data_dir: str, env: dict) -> CommandRun:
+  return CommandRun([*_flags(data_dir), '--workdir', workdir], env=env, name=workdir)
 
 
 def _metrics(text: str) -> dict:
@@ -204,10 +146,10 @@ def _metrics(text: str) -> dict:
 def _preempt_and_resume(fs, root: str, data_dir: str, env: dict) -> None:
   """Runs into RUN, SIGTERMs it after step 2 (it saves a checkpoint and exits 143), then
   reruns the same command, which must resume from that checkpoint and finish."""
-  with _Run(RUN, data_dir, env) as run:
-    run.wait_for(rf'step 2/{TOTAL_STEPS} ')
-    run.proc.send_signal(signal.SIGTERM)
-    code = run.finish()
+  with _run(RUN, data_dir, env) as run:
+    run.wait_for(rf'step 2/{TOTAL_STEPS} ', RUN_TIMEOUT_S)
+    run.signal(signal.SIGTERM)
+    code = run.finish(RUN_TIMEOUT_S)
     if code != 143:  # 128 + SIGTERM: a checkpoint was written, the run is unfinished
       run.fail(f'exit status {code} after SIGTERM, expected 143')
     stopped = re.search(r'stopped at step (\d+)', run.output)
@@ -217,8 +159,8 @@ def _preempt_and_resume(fs, root: str, data_dir: str, env: dict) -> None:
   assert stopped_at in {p.rsplit('/', 1)[-1] for p in fs.ls(f'{root}/checkpoints', detail=False)}
   assert not fs.exists(f'{root}/eval.json')
 
-  with _Run(RUN, data_dir, env) as run:
-    code = run.finish()
+  with _run(RUN, data_dir, env) as run:
+    code = run.finish(RUN_TIMEOUT_S)
     if code != 0:
       run.fail(f'resumed run exited with {code}')
     if not re.search(rf'resumed from {re.escape(RUN)}/checkpoints/{stopped_at}\b', run.output):
@@ -235,9 +177,9 @@ def test_gcs_workdir_preempted_and_resumed(gcs_emulator, fashion_mnist_dir, tmp_
   root = RUN[len('gs://'):]
 
   local = str(tmp_path / 'local')
-  with _Run(local, fashion_mnist_dir, env) as local_run:  # alongside the gs:// runs
+  with _run(local, fashion_mnist_dir, env) as local_run:  # alongside the gs:// runs
     _preempt_and_resume(fs, root, fashion_mnist_dir, env)
-    code = local_run.finish()
+    code = local_run.finish(RUN_TIMEOUT_S)
     if code != 0:
       local_run.fail(f'local run exited with {code}')
   with open(os.path.join(local, 'eval.json')) as f:

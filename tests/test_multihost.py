@@ -5,6 +5,7 @@ hang fails the test instead of stalling the suite."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,8 +18,8 @@ import pytest
 from flax import nnx
 
 from avit_jax import config_lib, visualize
+from tests.helpers import REPO, CommandRun
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 300  # for one launch of the command, compile and all
 # JAX stops the survivors of a dead process after this many seconds without its heartbeat.
 HEARTBEAT_S = 5
@@ -46,55 +47,43 @@ def _free_port() -> int:
 
 class Launch:
   """One run of the command: `num_processes` processes (1: no jax.distributed flags), each
-  with `devices` fake CPU devices and its own log file."""
+  with `devices` fake CPU devices."""
 
   def __init__(self, workdir, data_dir, *, num_processes: int, devices: int, steps: int,
                extra=(), tag: str = 'run', process_extra=None):
-    self.logs = [str(workdir) + f'.{tag}.{i}.log' for i in range(num_processes)]
     env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED='1',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     port = _free_port()
     self.procs = []
-    for i, log in enumerate(self.logs):
-      command = [sys.executable, '-m', 'avit_jax.main', *_flags(workdir, data_dir, steps, extra),
-                 *(process_extra or {}).get(i, ())]
+    for i in range(num_processes):
+      args = [*_flags(workdir, data_dir, steps, extra), *(process_extra or {}).get(i, ())]
       if num_processes > 1:
-        command += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
-                    f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_S}']
-      with open(log, 'w') as f:
-        self.procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=f,
-                                           stderr=subprocess.STDOUT))
+        args += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
+                 f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_S}']
+      self.procs.append(CommandRun(args, env=env, name=f'{tag}, process {i}'))
 
   def log(self, i: int) -> str:
-    with open(self.logs[i]) as f:
-      return f.read()
+    return self.procs[i].output
 
-  def wait_for_line(self, i: int, text: str, timeout: float = DEADLINE_S) -> None:
-    """Waits until process i's log contains `text`."""
-    deadline = time.monotonic() + timeout
-    while text not in self.log(i):
-      if self.procs[i].poll() is not None or time.monotonic() > deadline:
+  def wait_for_line(self, i: int, text: str) -> None:
+    """Until process i prints `text` (every process killed if it never does)."""
+    try:
+      self.procs[i].wait_for(re.escape(text), DEADLINE_S)
+    finally:
+      if self.procs[i].proc.poll() is not None:
         self.kill()
-        raise AssertionError(f'{text!r} never appeared in process {i} log:\n{self.log(i)[-3000:]}')
-      time.sleep(0.2)
 
   def wait(self, timeout: float = DEADLINE_S) -> list[int]:
-    """Exit codes, after every process ended (killed, with the test failed, at `timeout`)."""
+    """Exit codes, after every process ended (all killed, and the test failed, at `timeout`)."""
     deadline = time.monotonic() + timeout
-    for i, p in enumerate(self.procs):
-      try:
-        p.wait(timeout=max(deadline - time.monotonic(), 1))
-      except subprocess.TimeoutExpired:
-        self.kill()
-        raise AssertionError(f'process {i} still running after {timeout} s:\n'
-                             + self.log(i)[-3000:]) from None
-    return [p.returncode for p in self.procs]
+    try:
+      return [p.finish(max(deadline - time.monotonic(), 1)) for p in self.procs]
+    finally:
+      self.kill()
 
   def kill(self) -> None:
     for p in self.procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+      p.kill()
 
   def succeed(self) -> None:
     codes = self.wait()
@@ -183,7 +172,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(single, tmp_path
   steps, extra = STEPS, ['--config.write_depth_maps=False']
   run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=steps, extra=extra)
   run.wait_for_line(1, f'step 2/{steps}')
-  run.procs[1].send_signal(signal.SIGTERM)
+  run.procs[1].signal(signal.SIGTERM)
   assert run.wait() == [143, 143], (run.log(0)[-2000:], run.log(1)[-2000:])
   stopped = {_stopped_step(run.log(i)) for i in (0, 1)}
   assert len(stopped) == 1, stopped  # the same step on both
@@ -209,7 +198,7 @@ def test_a_second_run_is_refused_and_a_dead_process_stops_the_other(tmp_path,
   for i in (0, 1):
     assert 'another run (pid' in second.log(i) and 'is using workdir' in second.log(i)
   # kill -9 of one process: the other stops on JAX's heartbeat, with a message, in bounded time.
-  run.procs[1].kill()
+  run.procs[1].signal(signal.SIGKILL)
   killed_at = time.monotonic()
   code = run.wait(timeout=HEARTBEAT_S + 60)
   assert code[0] != 0
@@ -281,7 +270,7 @@ def test_processes_started_with_different_configs_all_stop(tmp_path, fashion_mni
                process_extra={1: ['--config.optimizer.lr=1e-2']})
   assert run.wait() == [1, 1]
   for i in (0, 1):
-    assert run.log(i).strip().splitlines()[-1] == (
-        'error: the processes of this run were started with different configs; give every '
-        'process the same --config and --config.* flags')
+    assert ('error: the processes of this run were started with different configs; give every '
+            'process the same --config and --config.* flags') in run.log(i).splitlines()
+    assert 'Traceback' not in run.log(i)
   assert not workdir.exists()  # refused before the workdir was made

@@ -9,23 +9,20 @@ in every assertion message).
 import glob
 import json
 import os
-import queue
 import random
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from avit_jax import checkpoints, config_lib, input_pipeline, train
+from tests.helpers import REPO, CommandRun
 from tests.test_train import sigterm_at, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 12
 # The same tiny run as tests/test_train.py's tiny_config, as command-line overrides.
 FLAGS = {
@@ -60,64 +57,13 @@ def _seed() -> int:
   return int(os.environ.get('RELIABILITY_SEED') or random.SystemRandom().randrange(10**6))
 
 
-class Run:
-  """`python -m avit_jax.main` on a workdir; its merged stdout/stderr read by a thread."""
+class Run(CommandRun):
+  """`python -m avit_jax.main` on a workdir with FLAGS (or `driver`, a script run instead)."""
 
   def __init__(self, workdir: str, env: dict, *, driver: str | None = None):
     args = ['--config', 'configs/fashion_mnist.py', '--workdir', workdir]
     args += [f'--config.{k}={v}' for k, v in FLAGS.items()]
-    start = [sys.executable, '-c', driver] if driver else [sys.executable, '-m', 'avit_jax.main']
-    self.proc = subprocess.Popen(start + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-    self.lines: list[str] = []
-    self._queue: queue.Queue = queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self._queue.put(line)
-    self._queue.put(None)
-
-  def _drain(self, timeout: float) -> bool:
-    """Reads lines for up to `timeout` s; False once the output has ended."""
-    try:
-      line = self._queue.get(timeout=timeout)
-    except queue.Empty:
-      return True
-    if line is None:
-      return False
-    self.lines.append(line)
-    return True
-
-  def wait_for(self, pattern: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(re.search(pattern, line) for line in self.lines):
-      if time.monotonic() > deadline or not self._drain(1.0):
-        self.proc.kill()
-        raise AssertionError(f'never saw {pattern!r}; output:\n{self.output[-4000:]}')
-
-  def wait_for_file(self, path: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-      if time.monotonic() > deadline or self.proc.poll() is not None:
-        self.proc.kill()
-        raise AssertionError(f'{path} never appeared; output:\n{self.output[-4000:]}')
-      self._drain(0.05)
-
-  def kill(self, sig: int) -> None:
-    os.kill(self.proc.pid, sig)
-
-  def finish(self, timeout: float = 300) -> int:
-    deadline = time.monotonic() + timeout
-    while self._drain(1.0):
-      if time.monotonic() > deadline:
-        self.proc.kill()
-        raise AssertionError(f'run did not end; output:\n{self.output[-4000:]}')
-    return self.proc.wait()
-
-  @property
-  def output(self) -> str:
-    return ''.join(self.lines)
+    super().__init__(args, env=env, start=[sys.executable, '-c', driver] if driver else None)
 
   def steps(self) -> dict[int, str]:
     """Logged train losses and mean depth by step, as printed."""
@@ -199,7 +145,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, env, ref
   workdir = str(tmp_path / 'run')
   run = Run(workdir, env)
   run.wait_for(rf'step {kill_at}/{TOTAL_STEPS} ')
-  run.kill(signal.SIGKILL)
+  run.signal(signal.SIGKILL)
   assert run.finish() == -signal.SIGKILL, note
   killed = run.steps()
   assert killed == {s: reference['steps'][s] for s in killed}, note
@@ -220,7 +166,7 @@ def test_sigterm_writes_a_checkpoint_and_the_restart_loses_no_step(tmp_path, env
   workdir = str(tmp_path / 'run')
   run = Run(workdir, env)
   run.wait_for(rf'step {term_at}/{TOTAL_STEPS} ')
-  run.kill(signal.SIGTERM)
+  run.signal(signal.SIGTERM)
   assert run.finish() == 143, f'{note}\n{run.output[-4000:]}'  # 128 + SIGTERM: unfinished
   done = max(run.steps())
   # Usually a step or two after term_at: the flag is read once per step, after it trained.
@@ -241,7 +187,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, env, r
   run = Run(workdir, env | {'STALL_STEP': str(stall), 'STALL_MARKER': marker},
             driver=STALL_FINALIZE)
   run.wait_for_file(marker)
-  run.kill(signal.SIGKILL)
+  run.signal(signal.SIGKILL)
   assert run.finish() == -signal.SIGKILL, note
   with open(marker) as f:
     partial = f.read()
