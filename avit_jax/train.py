@@ -28,9 +28,9 @@ from jax.sharding import Mesh
 
 from avit_jax import (augment, checkpoints, config_lib, distributed, evaluation, finetune,
                       flops, input_pipeline, losses, models, optim, sharding)
+from avit_jax import workdir as workdir_lib
 from avit_jax.metric_writer import MetricWriter
 from avit_jax.validation import validate_config
-from avit_jax import workdir as workdir_lib
 from avit_jax.workdir import Workdir
 
 class NonFiniteLossError(FloatingPointError):
@@ -326,7 +326,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   eval_fn = jit_eval_step(graphs, config.model, mesh, params_shardings)
   metrics = evaluate(eval_fn, jax.device_put(params, params_shardings), config, mesh)
   name = os.path.basename(os.path.normpath(directory))
-  metrics.update(step=int(name) if name.isdigit() else 0, checkpoint=workdir_lib.resolve(directory))
+  metrics.update(step=int(name) if name.isdigit() else 0,
+                 checkpoint=workdir_lib.resolve(directory))
   writer = MetricWriter(workdir, jax.process_index() == 0)
   writer.evaluation(metrics, split=config.data.eval_split, depth=config.model.depth)
   writer.close()
