@@ -8,20 +8,19 @@ import time
 
 from absl import logging
 
-from avit_jax.workdir import write_json
-
-EVAL_FILE = 'eval.json'
+from avit_jax.workdir import EVAL_FILE, write_json
 
 
 class MetricWriter:
   """`scalars(step, {name: value})`, and the reports of a logged step and of an evaluation;
-  files are written only when `enabled` (process 0)."""
+  files are written only when `enabled` (process 0), TensorBoard events only with `events`
+  (a diagnostic evaluation adds nothing to the run's curves)."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, *, events: bool = True):
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
-    if enabled:
+    if enabled and events:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(workdir)
 
@@ -43,10 +42,11 @@ class MetricWriter:
                  metrics['mean_token_depth'], 100 * metrics['remaining_compute'], metrics['lr'],
                  images_per_second, time.strftime('%H:%M:%S', time.gmtime(eta_seconds)))
 
-  def evaluation(self, metrics: dict, *, split: str, depth: int) -> None:
-    """WORKDIR/eval.json (replaced atomically), scalars eval/<split>/* and one log line."""
+  def evaluation(self, metrics: dict, *, split: str, depth: int, path: str | None = None) -> None:
+    """`path` (default WORKDIR/eval.json, replaced atomically), scalars eval/<split>/* and
+    one log line."""
     if self.enabled:
-      write_json(os.path.join(self.workdir, EVAL_FILE), metrics)
+      write_json(path or os.path.join(self.workdir, EVAL_FILE), metrics)
     self.scalars(metrics['step'], {
         f'eval/{split}/top1': metrics['top1'], f'eval/{split}/top5': metrics['top5'],
         f'eval/{split}/loss': metrics['eval_loss'],

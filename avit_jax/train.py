@@ -312,11 +312,12 @@ def check_finite(state: TrainState, config: ml_collections.ConfigDict, reported:
 
 # --- the run -------------------------------------------------------------------------------
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+def evaluate_checkpoint(config: ml_collections.ConfigDict, run_dir: Workdir, *,
                         devices: Sequence[jax.Device] | None = None) -> dict:
-  """mode='eval': the metrics of config.eval_checkpoint (default: the newest step of
-  `workdir`), also written to WORKDIR/eval.json. Builds no optimizer, reads no train data."""
-  directory = config.eval_checkpoint or checkpoints.latest_step_dir(workdir)
+  """mode='eval': the metrics of config.eval_checkpoint (default: the newest step of the
+  workdir), written to WORKDIR/eval.json when they re-evaluate the run's own config, else to
+  WORKDIR/evals/ (Workdir.evaluation_file). Builds no optimizer, reads no train data."""
+  directory = config.eval_checkpoint or checkpoints.latest_step_dir(run_dir.path)
   params, _ = checkpoints.load_params(directory)
   model = models.create(config.model, seed=config.seed)
   checkpoints.assign_params(model, params, f'checkpoint {directory}')
@@ -328,9 +329,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   name = os.path.basename(os.path.normpath(directory))
   metrics.update(step=int(name) if name.isdigit() else 0,
                  checkpoint=workdir_lib.resolve(directory))
-  writer = MetricWriter(workdir, jax.process_index() == 0)
-  writer.evaluation(metrics, split=config.data.eval_split, depth=config.model.depth)
+  path, overrides = run_dir.evaluation_file(config, metrics['step'])
+  own_result = path == os.path.join(run_dir.path, workdir_lib.EVAL_FILE)
+  if not own_result:
+    metrics['overrides'] = overrides
+  writer = MetricWriter(run_dir.path, jax.process_index() == 0, events=own_result)
+  writer.evaluation(metrics, split=config.data.eval_split, depth=config.model.depth, path=path)
   writer.close()
+  logging.info('evaluation written to %s', path)
   return metrics
 
 
@@ -346,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config)
   with Workdir(workdir, config, is_chief=jax.process_index() == 0) as run_dir:
     if config.mode == 'eval':
-      return evaluate_checkpoint(config, run_dir.path, devices=devices)
+      return evaluate_checkpoint(config, run_dir, devices=devices)
     program, state = prepare_training(config, devices)
     manager = checkpoints.TrainCheckpoints(run_dir.path, keep=config.keep_checkpoints)
     writer = MetricWriter(run_dir.path, jax.process_index() == 0)

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 
 import ml_collections
@@ -28,9 +29,14 @@ RUN_CONTROL_FIELDS = frozenset({
     'mode', 'mesh', 'num_train_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_checkpoint', 'write_depth_maps',
     'num_eval_images', 'eval_batch_size', 'skip_nonfinite_steps', 'init_from'})
-# Fields an evaluation may change on a trained model: the accuracy-compute dial (a gate
-# centre or eps shifted at inference, docs/inference.md), not a different experiment.
-INFERENCE_DIALS = frozenset({'model.gate_center', 'model.eps'})
+# Fields an evaluation may change on a trained model without evaluating another experiment:
+# the accuracy-compute dial (a gate centre or eps shifted at inference, docs/inference.md),
+# the images it is measured on, and the checkpoint. An evaluation that changes any of them
+# writes its metrics under evals/, never over the run's own eval.json.
+EVAL_OVERRIDES = ('model.gate_center', 'model.eps', 'data.eval_split', 'num_eval_images',
+                  'eval_checkpoint')
+EVAL_FILE = 'eval.json'
+EVALS_DIR = 'evals'
 
 
 class WorkdirError(RuntimeError):
@@ -50,12 +56,15 @@ def resolve(path: str | os.PathLike) -> str:
 
 def write_json(path: str | os.PathLike, obj) -> None:
   """Writes JSON so that readers never see a half-written file: on a local disk a temp file
-  renamed over the target; on object stores (gs://) one object write, which is atomic."""
+  renamed over the target; on object stores (gs://) one object write, which is atomic.
+  Makes the directory it goes in."""
   text = json.dumps(obj, indent=2, sort_keys=True)
   if not is_local(path):
+    epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
     epath.Path(path).write_text(text)
     return
   directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.json')
   with os.fdopen(fd, 'w') as f:
     f.write(text)
@@ -82,11 +91,12 @@ def _has_checkpoint(directory: epath.Path) -> bool:
 class Workdir:
   """A run's directory, held for the lifetime of the run.
 
-  Process 0 (`is_chief`) makes it, takes an exclusive lock on a local disk (released on
-  exit or crash) and writes config.json; the other processes of the same run take no lock.
-  Collective when the run has several processes: all of them construct it, and an error
-  found by any one (another run holds the workdir, a different config) stops all of them
-  with the same message.
+  Training: process 0 (`is_chief`) makes it, takes an exclusive lock on a local disk
+  (released on exit or crash) and writes config.json; the other processes of the same run
+  take no lock. Evaluation (config.mode == 'eval') only reads it: no lock (it may run beside
+  a training run), no config.json, no directory made. Collective when the run has several
+  processes: all of them construct it, and an error found by any one (another run holds the
+  workdir, a different config) stops all of them with the same message.
   """
 
   def __init__(self, path: str | os.PathLike, config: ml_collections.ConfigDict, *,
@@ -102,14 +112,15 @@ class Workdir:
     if not distributed.same_on_all(digest):
       raise WorkdirError('the processes of this run were started with different configs; '
                          'give every process the same --config and --config.* flags')
+    evaluating = config.get('mode') == 'eval'
     chief_error = local_error = None
     try:
-      if is_chief:
+      if is_chief and not evaluating:
         self._make_writable()
         self._take_lock()
-      local_error = self._check_config(current, config.get('mode') == 'eval')
-      if is_chief and local_error is None:
-        self._write_config(current, config.get('mode') == 'eval')
+      local_error = self._check_config(current, evaluating)
+      if is_chief and not evaluating and local_error is None:
+        write_json(self.config_path, current)
     except WorkdirError as e:
       local_error = str(e)
     if is_chief:
@@ -158,16 +169,49 @@ class Workdir:
     if not (saved_path.exists() and _has_checkpoint(epath.Path(self.path) / 'checkpoints')):
       return None
     saved = json.loads(saved_path.read_text())
-    diffs = config_differences(saved, current, INFERENCE_DIALS if evaluating else frozenset())
+    diffs = config_differences(saved, current,
+                               frozenset(EVAL_OVERRIDES) if evaluating else frozenset())
     if not diffs:
       return None
     return (f'workdir {self.path} holds a run with a different config:\n  '
             + '\n  '.join(diffs) + '\nuse a new --workdir, or the same config to resume that run')
 
-  def _write_config(self, current: dict, evaluating: bool) -> None:
-    # An evaluation leaves the run's config as its training wrote it.
-    if not (evaluating and epath.Path(self.config_path).exists()):
-      write_json(self.config_path, current)
+  def evaluation_file(self, config: ml_collections.ConfigDict, step: int) -> tuple[str, dict]:
+    """(path, overrides) for the metrics of an evaluation of checkpoint `step`.
+
+    WORKDIR/eval.json, the run's own result, only for the plain re-evaluation of the run's
+    config while no training run holds the workdir; otherwise
+    WORKDIR/evals/step_<step>[-<field>=<value>...].json, named for the fields that differ
+    from the run's config.json (overrides: {field: value}).
+    """
+    saved_path = epath.Path(self.config_path)
+    overrides = {}
+    if saved_path.exists():
+      saved = config_lib.flatten(json.loads(saved_path.read_text()))
+      current = config_lib.flatten(json.loads(config.to_json_best_effort()))
+      overrides = {name: current.get(name) for name in EVAL_OVERRIDES
+                   if current.get(name) != saved.get(name)}
+    if not overrides and not self.training_elsewhere():
+      return os.path.join(self.path, EVAL_FILE), {}
+    suffix = ''.join(f'-{name}={value}' for name, value in overrides.items()
+                     if name != 'eval_checkpoint')
+    name = re.sub(r'[^\w.=+-]', '_', f'step_{step}{suffix}') + '.json'
+    return os.path.join(self.path, EVALS_DIR, name), overrides
+
+  def training_elsewhere(self) -> bool:
+    """Whether a training run holds this workdir's lock now (local disks; False on gs://)."""
+    lock_path = os.path.join(self.path, LOCK_FILE)
+    if not is_local(self.path) or not os.path.exists(lock_path):
+      return False
+    with open(lock_path) as f:
+      try:  # a shared lock is refused only while a run holds its exclusive one
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+          return True
+        raise
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return False
 
   def close(self) -> None:
     """Releases the lock (also done by the OS when the process dies)."""

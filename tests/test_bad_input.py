@@ -249,7 +249,7 @@ BLOCK2_NOT_IN_MODEL = '  not in the model: ' + ', '.join(
 def test_eval_of_another_architecture_lists_mismatches(tmp_path, other_architecture):
   config = tiny_config(**{'model.depth': 2, 'mode': 'eval', 'eval_checkpoint': other_architecture})
   with pytest.raises(checkpoints.CheckpointError) as e:
-    train.evaluate_checkpoint(config, str(tmp_path), devices=jax.devices()[:1])
+    train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert str(e.value) == (
       f'checkpoint {other_architecture} does not fit the model:\n'
       '  shape mismatches: head.bias: model (10,) vs checkpoint (7,); head.kernel: model '
