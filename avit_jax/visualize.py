@@ -29,6 +29,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from avit_jax import checkpoints, config_lib, losses, plots
+from avit_jax import workdir as workdir_lib
 
 if TYPE_CHECKING:
   from avit_jax.models import AViT
@@ -58,6 +59,16 @@ def load_model(checkpoint: str,
   model = models.create(model_config)
   checkpoints.assign_params(model, params, what=step_dir)
   return model, metadata
+
+
+def workdir_config(checkpoint: str) -> ml_collections.ConfigDict | None:
+  """The config.json of the training run `checkpoint` belongs to (a workdir, or one of its
+  steps WORKDIR/checkpoints/<step>), or None when there is none."""
+  path = epath.Path(checkpoint)
+  for candidate in (path / workdir_lib.CONFIG_FILE, path.parent.parent / workdir_lib.CONFIG_FILE):
+    if candidate.is_file():
+      return ml_collections.ConfigDict(json.loads(candidate.read_text()))
+  return None
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -331,10 +342,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.error('--config.x=y overrides need --config')
   if args.num <= 0:
     parser.error(f'--num must be positive, got {args.num}')
-  if not (args.images or args.image_folder or args.config):
+  config = load_config(args.config, rest) if args.config else workdir_config(args.checkpoint)
+  if not (args.images or args.image_folder or config):
     parser.error('say which images: --images FILE..., --image-folder DIR, or --config CFG '
-                 '(its eval split)')
-  config = load_config(args.config, rest) if args.config else None
+                 '(its eval split; a training workdir\'s own config.json is used when given)')
   model, metadata = load_model(args.checkpoint, config.model if config else None)
   mean, std = data_stats(metadata, config)
   source = config.data.source if config else (metadata.get('data') or {}).get('source')

@@ -283,6 +283,22 @@ def test_cli_eval_split(tmp_path, fashion_mnist_dir):
   assert sorted(os.listdir(out / 'depth_maps')) == ['000_test0.png', '001_test1.png']
 
 
+def test_cli_takes_the_config_of_the_workdir(tmp_path, fashion_mnist_dir):
+  config, model, _ = _model_and_images()
+  work = tmp_path / 'work'
+  step = _save_checkpoint(str(work), model, config, 2)
+  config.data.data_dir = fashion_mnist_dir
+  config.eval_batch_size = 8
+  (work / 'config.json').write_text(config.to_json_best_effort())
+  for checkpoint in (work, step):  # the workdir or one of its steps
+    out = tmp_path / f'figs{len(str(checkpoint))}'
+    visualize.main(['--checkpoint', str(checkpoint), '--num', '12', '--num-maps', '2',
+                    '--out', str(out)])
+    saved = np.load(out / 'depths.npz')
+    np.testing.assert_array_equal(saved['labels'][:5], [9, 2, 1, 1, 6])  # its eval split
+    assert saved['token_depth'].shape == (12, 50)
+
+
 def test_deit_without_halting_draws_full_depth(tmp_path):
   config = _config()
   config.model.halting = False
