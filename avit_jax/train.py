@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
+from absl import flags, logging
 from flax import nnx, struct
 from jax.sharding import Mesh
 
@@ -350,6 +350,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   NonFiniteLossError after a non-finite step (unless config.skip_nonfinite_steps).
   """
   validate_config(config)
+  if not flags.FLAGS.is_parsed() and logging.get_verbosity() < logging.INFO:
+    # Called from Python (a notebook, a script), not the command: absl would drop the INFO
+    # lines that report progress, which the command prints.
+    logging.set_verbosity(logging.INFO)
   with Workdir(workdir, config, is_chief=jax.process_index() == 0) as run_dir:
     if config.mode == 'eval':
       return evaluate_checkpoint(config, run_dir, devices=devices)

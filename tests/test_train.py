@@ -6,6 +6,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -230,3 +232,19 @@ def test_init_from_fits_head_and_pos_embed_to_the_model(tmp_path, caplog):
       np.testing.assert_array_equal(loaded[name], finetune.resample_pos_embed(source[name], 4))
     else:  # everything else as saved
       np.testing.assert_array_equal(loaded[name], source[name], err_msg=name)
+
+
+def test_train_and_evaluate_from_python_logs_its_progress(tmp_path, fashion_mnist_dir):
+  """Called from a script (no absl flags parsed), it prints the command's step and eval lines."""
+  script = (f'from tests.test_train import tiny_config\n'
+            f'from avit_jax import train\n'
+            f'train.train_and_evaluate(tiny_config(**{{"data.data_dir": {fashion_mnist_dir!r}}}), '
+            f'{str(tmp_path / "run")!r})\n')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run([sys.executable, '-c', script], cwd=repo, capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=repo), timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stderr.splitlines()
+  assert [l.split(' epoch')[0].split('absl:')[-1] for l in lines if ' epoch ' in l] == [
+      'step 4/8', 'step 8/8']
+  assert any('eval step 8: top1 ' in l for l in lines)
