@@ -20,7 +20,6 @@ inference.make_predict_fn.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 
@@ -41,12 +40,11 @@ DEFAULT_SHIFTS = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
 def run_config(directory: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The config a training run saved (WORKDIR/config.json) with `--config.a.b=value`
   overrides, parsed by ml_collections' config_flags as avit_jax.main parses them."""
-  path = os.path.join(directory, workdir_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: --checkpoint must be a training workdir '
-                            '(it holds the config.json its run wrote)')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = workdir_lib.saved_config(directory)
+  if config is None:
+    raise FileNotFoundError(f'{os.path.join(directory, workdir_lib.CONFIG_FILE)} not found: '
+                            'expected a training workdir (it holds the config.json its run '
+                            'wrote)')
   values = flags.FlagValues()  # this call's own flags: nothing global is defined or parsed
   holder = config_flags.DEFINE_config_dict('config', config, flag_values=values,
                                            lock_config=False)
@@ -123,10 +121,25 @@ def sweep(directory: str, config: ml_collections.ConfigDict, shifts: Sequence[fl
   return rows
 
 
-def baseline_row(directory: str, overrides: Sequence[str], *, timing_batch: int, reps: int
-                 ) -> dict:
-  """Top-1, GFLOPs and images/s (dense) of a plain-DeiT run."""
-  config = run_config(directory, overrides)
+def baseline_config(directory: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config of a plain-DeiT training run with a checkpoint, checked before any work: a
+  missing workdir or an A-ViT run is refused (FileNotFoundError / ValueError)."""
+  try:
+    config = run_config(directory, overrides)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'--baseline: {e}; train one with `python -m avit_jax.main '
+                            '--config CONFIG --workdir DIR --config.model.halting=False`') from e
+  if config.model.halting:
+    raise ValueError(f'--baseline {directory} is an A-ViT run (model.halting=True); the '
+                     'baseline is plain DeiT trained by the same recipe with '
+                     '--config.model.halting=False')
+  checkpoints.resolve_checkpoint(directory)
+  return config
+
+
+def baseline_row(directory: str, config: ml_collections.ConfigDict, *, timing_batch: int,
+                 reps: int) -> dict:
+  """Top-1, GFLOPs and images/s (dense) of a plain-DeiT run (config: `baseline_config`)."""
   model = load_model(directory, config.model)
   metrics = evaluate(model, config, mode='dense')
   speed = images_per_second(model, _first_images(config, timing_batch), ('dense',), reps)
@@ -217,12 +230,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if not shifts:
     parser.error(f'--shifts must be numbers separated by commas, got {args.shifts!r}')
   config = run_config(args.checkpoint, overrides)
+  plain = baseline_config(args.baseline, overrides) if args.baseline else None
   out = args.out or os.path.join(args.checkpoint, 'tradeoff')
   os.makedirs(out, exist_ok=True)
   rows = sweep(args.checkpoint, config, shifts, timing_batch=args.timing_batch, reps=args.reps)
   baseline = None
-  if args.baseline:
-    baseline = baseline_row(args.baseline, overrides, timing_batch=args.timing_batch,
+  if plain is not None:
+    baseline = baseline_row(args.baseline, plain, timing_batch=args.timing_batch,
                             reps=args.reps)
     print(f'DeiT baseline: top-1 {100 * baseline["top1"]:.2f}%, GFLOPs '
           f'{baseline["gflops_per_image"]:.5f}, dense {baseline["images_per_s"]:.0f} img/s')

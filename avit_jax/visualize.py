@@ -65,10 +65,7 @@ def workdir_config(checkpoint: str) -> ml_collections.ConfigDict | None:
   """The config.json of the training run `checkpoint` belongs to (a workdir, or one of its
   steps WORKDIR/checkpoints/<step>), or None when there is none."""
   path = epath.Path(checkpoint)
-  for candidate in (path / workdir_lib.CONFIG_FILE, path.parent.parent / workdir_lib.CONFIG_FILE):
-    if candidate.is_file():
-      return ml_collections.ConfigDict(json.loads(candidate.read_text()))
-  return None
+  return workdir_lib.saved_config(path) or workdir_lib.saved_config(path.parent.parent)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

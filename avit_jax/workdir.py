@@ -73,6 +73,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
   os.replace(tmp, path)
 
 
+def saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | None:
+  """The config a training run wrote to WORKDIR/config.json, or None when there is none."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    return None
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
 def config_differences(saved: dict, current: dict, ignore=frozenset()) -> list[str]:
   """Fields (dotted) whose values differ, ignoring run-control fields and `ignore`."""
   a, b = config_lib.flatten(saved), config_lib.flatten(current)

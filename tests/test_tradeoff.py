@@ -63,3 +63,19 @@ def test_eval_mode_takes_a_shifted_gate_centre_and_keeps_the_run_config(run, tmp
   assert metrics['gflops_per_image'] > 0
   with open(os.path.join(workdir, 'config.json')) as f:
     assert f.read() == saved
+
+
+def test_a_bad_baseline_is_refused_before_any_work(run, tmp_path):
+  workdir, _, _ = run
+  out = tmp_path / 'out'
+  missing = str(tmp_path / 'no_such_run')
+  with pytest.raises(FileNotFoundError) as e:
+    tradeoff.main(['--checkpoint', workdir, '--baseline', missing, '--out', str(out)])
+  assert str(e.value) == (
+      f'--baseline: {missing}/config.json not found: expected a training workdir (it holds the '
+      'config.json its run wrote); train one with `python -m avit_jax.main --config CONFIG '
+      '--workdir DIR --config.model.halting=False`')
+  with pytest.raises(ValueError) as e:  # an A-ViT run is no "DeiT (no halting)" baseline
+    tradeoff.main(['--checkpoint', workdir, '--baseline', workdir, '--out', str(out)])
+  assert str(e.value).startswith(f'--baseline {workdir} is an A-ViT run (model.halting=True)')
+  assert not out.exists()  # refused before the sweep wrote anything
