@@ -111,3 +111,22 @@ def test_phase_times_attribute_every_mode_to_its_phases():
   assert times['masked']['halting'] > 0 and times['compact']['repack'] > 0
   assert phases.phase_of('jit(f)/while/body/layout/attention/dot_general') == 'attention'
   assert phases.phase_of('jit(f)/while/body/dynamic_slice') == 'other'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--quick', '--variants', 'small'], '--quick times DeiT-T geometry (--variants tiny) at '
+     'batches up to 8; drop --quick to time --variants small --batch-sizes 1,8'),
+    (['--quick', '--batch-sizes', '64'], '--quick times DeiT-T geometry (--variants tiny) at '
+     'batches up to 8; drop --quick to time --variants tiny --batch-sizes 64'),
+    (['--quick', '--variants', 'tiyn'], "--variants: 'tiyn' is not one of ['small', 'tiny']"),
+    (['--variants', 'tiyn'], "--variants: 'tiyn' is not one of ['small', 'tiny']"),
+    (['--quick', '--batch-sizes', 'x'], "--batch-sizes must be positive integers separated by "
+     "commas (e.g. 1,8,64), got 'x'"),
+])
+def test_options_are_refused_before_any_work(argv, message, capsys):
+  """With or without --quick: nothing is timed and the error names the option."""
+  with pytest.raises(SystemExit) as e:
+    benchmark.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.strip().splitlines()[-1] == f'python -m avit_jax.benchmark: error: {message}'

@@ -174,8 +174,9 @@ def main(argv=None) -> dict:
                       '(or its workdir) timed on its test images')
   parser.add_argument('--data-dir', default='/usr/share/datasets/fashion-mnist',
                       help="the checkpoint's Fashion-MNIST IDX files")
-  parser.add_argument('--batch-sizes', default='1,8,64')
-  parser.add_argument('--variants', default='tiny,small', help='ImageNet geometries to time')
+  parser.add_argument('--batch-sizes', default=None, help='default 1,8,64 (--quick: 1,8)')
+  parser.add_argument('--variants', default=None,
+                      help='ImageNet geometries to time: default tiny,small (--quick: tiny)')
   parser.add_argument('--reps', type=int, default=5, help='rounds of every mode, at least')
   parser.add_argument('--min-seconds', type=float, default=10.0,
                       help='more rounds until this many seconds per batch size have passed')
@@ -193,23 +194,31 @@ def main(argv=None) -> dict:
   parser.add_argument('--quick', action='store_true',
                       help='DeiT-T geometry only, batches up to 8, 2 rounds, 8 latency images')
   args = parser.parse_args(argv)
+  # Every option is checked before any work, with or without --quick; --quick never drops
+  # what was asked for explicitly.
+  text = args.batch_sizes or ('1,8' if args.quick else '1,8,64')
   try:
-    batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b]
+    batch_sizes = [int(b) for b in text.split(',') if b]
   except ValueError:
     batch_sizes = []
   if not batch_sizes or min(batch_sizes) < 1:
     parser.error(f'--batch-sizes must be positive integers separated by commas (e.g. 1,8,64), '
                  f'got {args.batch_sizes!r}')
-  variants = [v for v in args.variants.split(',') if v]
-  reps, train_batch, latency_images = args.reps, args.train_batch, args.latency_images
-  if args.quick:
-    batch_sizes = [b for b in batch_sizes if b <= 8]
-    variants = [v for v in variants if v == 'tiny']
-    reps, train_batch, latency_images = 2, 8, min(latency_images, 8)
-    args.min_seconds, args.compile_repeats = 0.0, 1
+  variants = [v for v in (args.variants or ('tiny' if args.quick else 'tiny,small')).split(',')
+              if v]
   for v in variants:
     if v not in profiles.PUBLISHED_FRACTION:
       parser.error(f'--variants: {v!r} is not one of {sorted(profiles.PUBLISHED_FRACTION)}')
+  if not variants:
+    parser.error(f'--variants: expected names separated by commas, got {args.variants!r}')
+  reps, train_batch, latency_images = args.reps, args.train_batch, args.latency_images
+  if args.quick:
+    if max(batch_sizes) > 8 or variants != ['tiny']:
+      parser.error('--quick times DeiT-T geometry (--variants tiny) at batches up to 8; drop '
+                   f'--quick to time --variants {",".join(variants)} --batch-sizes '
+                   f'{",".join(map(str, batch_sizes))}')
+    reps, train_batch, latency_images = 2, 8, min(latency_images, 8)
+    args.min_seconds, args.compile_repeats = 0.0, 1
   result = dict(machine=report.machine(), batch_sizes=batch_sizes, reps=reps,
                 min_seconds=args.min_seconds, compile_repeats=args.compile_repeats, rows=[],
                 latency=[], profiles={}, train_step={}, auto={})
