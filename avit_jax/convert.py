@@ -239,9 +239,7 @@ def from_torch(src: str | os.PathLike | Mapping[str, np.ndarray],
   timm or HF names to arrays in torch layout. A re-initialised head uses `seed`.
   The model comes back in eval mode (dropout, drop-path off); `model.train()` to fine-tune.
   """
-  model = _load_into(src, model_config, seed)[0]
-  model.eval()
-  return model
+  return _load_into(src, model_config, seed)[0]
 
 
 def convert_file(src: str, model_config: ml_collections.ConfigDict, out: str, *,

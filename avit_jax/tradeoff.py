@@ -61,7 +61,7 @@ def read_checkpoint(directory: str) -> tuple[str, dict]:
 
 def build_model(step_dir: str, params: dict, model_config: ml_collections.ConfigDict
                 ) -> models.AViT:
-  """A model of model_config holding `params` (read from step_dir)."""
+  """A model of model_config holding `params` (read from step_dir), in eval mode."""
   model = models.create(model_config)
   checkpoints.assign_params(model, params, what=step_dir)
   return model

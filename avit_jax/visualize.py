@@ -43,9 +43,12 @@ CLASS_NAMES = {'fashion_mnist': FASHION_MNIST_CLASSES}
 
 def load_model(checkpoint: str,
                model_config: ml_collections.ConfigDict | None = None) -> tuple[AViT, dict]:
-  """(model, metadata) from a checkpoint or workdir; the architecture from metadata['model'].
+  """(model, metadata) from a checkpoint or a training workdir (its newest step).
 
-  `model_config` is used only when the checkpoint carries no model metadata.
+  model: an AViT in eval mode holding the checkpoint's parameters, its architecture from
+  metadata['model'] (`model_config` is used only when the checkpoint carries none).
+  metadata: the checkpoint's metadata dict ('model', and 'data' with the normalisation
+  mean / std, 'loss', 'source' where the writer recorded them).
   """
   from avit_jax import models  # local: plotting from arrays must not need the model code
 

@@ -171,6 +171,12 @@ class ModelTest(chex.TestCase):
     count = sum(np.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))
     self.assertEqual(count, 5_717_416)  # timm's deit_tiny_patch16_224 parameter count
 
+  def test_create_gives_a_model_in_eval_mode(self):
+    """Repeated calls on the same images agree, with drop path and dropout configured."""
+    model = models.create(small_config(drop_rate=0.1, drop_path_rate=0.3), seed=0)
+    x = images()
+    np.testing.assert_array_equal(np.asarray(model(x).logits), np.asarray(model(x).logits))
+
   def test_dropout_and_drop_path_only_in_training(self):
     config = small_config(drop_rate=0.1, drop_path_rate=0.3)
     model = models.create(config, seed=0)

@@ -164,7 +164,9 @@ def train_step_times(model_config, batch: int, reps: int, seed: int = 0) -> dict
   for name, halting in (('dense DeiT', False), ('masked A-ViT', True)):
     mc = ml_collections.ConfigDict(c.to_dict())
     mc.halting = halting
-    graphdef, params, rest = nnx.split(models.create(mc, seed=seed), nnx.Param, ...)
+    model = models.create(mc, seed=seed)
+    model.train()  # a training step: dropout and drop path as configured
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, graphdef=graphdef, rest=rest, halting=halting):
       out = nnx.merge(graphdef, params, rest)(images)

@@ -59,5 +59,9 @@ def model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
 
 
 def create(model_config: ml_collections.ConfigDict, seed: int = 0) -> AViT:
-  """Builds the nnx module; parameters from `seed`, dropout stream from `seed` + 1."""
-  return AViT(**model_kwargs(model_config), rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  """Builds the nnx module in eval mode (dropout and drop path off: the same images give the
+  same outputs); `model.train()` switches them on. Parameters from `seed`, the dropout stream
+  from `seed` + 1."""
+  model = AViT(**model_kwargs(model_config), rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  model.eval()
+  return model
