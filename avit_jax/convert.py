@@ -303,5 +303,9 @@ def _define_flags() -> None:
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=import-outside-toplevel
+
+  from avit_jax import command_line  # pylint: disable=import-outside-toplevel
   _define_flags()
+  command_line.check_config_file(sys.argv)
+  command_line.quiet_libraries()
   app.run(main)

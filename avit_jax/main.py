@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from avit_jax import config_lib
+from avit_jax import command_line, config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
                                           lock_config=True)
@@ -35,20 +35,20 @@ EXIT_PREEMPTED = 143
 
 def _check_override_names(argv: list[str]) -> None:
   """Exits naming an unknown --config.field and the nearest valid ones."""
-  config_path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if config_path is None and '--config' in argv[:-1]:
-    config_path = argv[argv.index('--config') + 1]
-  if not config_path or not os.path.exists(config_path.partition(':')[0]):
+  path = command_line.config_path(argv)
+  if not path or not os.path.exists(path):
     return
-  config = flags.FLAGS['config'].parser.parse(config_path)  # config_flags' own loader
-  message = config_lib.unknown_override(config, argv, config_path)
+  config = flags.FLAGS['config'].parser.parse(path)  # config_flags' own loader
+  message = config_lib.unknown_override(config, argv, path)
   if message:
     sys.exit(f'error: {message}')
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing (its one-line errors and exit status 1), with a better message for an
-  unknown --config.field, which config_flags refuses with a KeyError / AttributeError."""
+  """absl's parsing (its one-line errors and exit status 1), with one line for a missing
+  config file and a better message for an unknown --config.field, which config_flags
+  refuses with a KeyError / AttributeError."""
+  command_line.check_config_file(argv)
   try:
     return app.parse_flags_with_usage(argv)
   except (KeyError, AttributeError):
@@ -56,20 +56,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of orbax and tfds from the log (warnings and errors still pass)."""
-
-  NOISY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/')
-
-  def filter(self, record) -> bool:
-    import logging as std_logging
-
-    return record.levelno >= std_logging.WARNING or not any(
-        part in record.pathname for part in self.NOISY)
-
-
 def main(argv) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  command_line.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from avit_jax import distributed
@@ -102,8 +90,7 @@ def main(argv) -> None:
   except (workdir.WorkdirError, checkpoints.CheckpointError, train.NonFiniteLossError,
           FileNotFoundError) as e:
     # The user's to fix (see the message; conversion errors are CheckpointErrors, missing
-    # data FileNotFoundErrors); a traceback would only hide it.
-    logging.error('%s', e)
+    # data FileNotFoundErrors); a traceback would only hide it. Printed once, on stderr.
     sys.exit(f'error: {e}')
   if config.mode == 'train' and config.write_depth_maps and config.model.halting:
     from avit_jax import visualize

@@ -44,6 +44,10 @@ def load_params(directory: str) -> tuple[dict, dict]:
   checking the files it reads and the parameters' checksums (DamagedCheckpointError, naming
   the newest intact step of the workdir when there is one)."""
   directory = absolute(directory)
+  if not epath.Path(directory).exists():
+    raise CheckpointError(f'checkpoint {directory} does not exist (expected a directory '
+                          'written by avit_jax.convert or a trainer step WORKDIR/checkpoints/'
+                          '<step>)')
   if not is_checkpoint(directory):
     hint = ''
     if (epath.Path(directory) / 'checkpoints').is_dir():
