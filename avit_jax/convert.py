@@ -211,7 +211,7 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping,
       f'patch={c.patch}, image_size={c.image_size}, num_classes={c.num_classes}); names and '
       'shapes in timm / torch layout:', expected_torch, {**found_torch, **untranslated},
       label=lambda k: f'{k} (file: {origin[k]})' if origin.get(k, k) != k else k,
-      unknown_names=unknown_src)
+      unknown_names=unknown_src, original=source)
   if message:
     raise ConvertError(message)
   return checkpoints.nest_like(dict(template), native), info

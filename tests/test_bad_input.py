@@ -243,7 +243,8 @@ BLOCK2_SHAPES = {'attn.proj.bias': (32,), 'attn.proj.kernel': (32, 32), 'attn.qk
                  'mlp.fc2.bias': (32,), 'mlp.fc2.kernel': (128, 32), 'norm1.bias': (32,),
                  'norm1.scale': (32,), 'norm2.bias': (32,), 'norm2.scale': (32,)}
 BLOCK2_NOT_IN_MODEL = '  not in the model: ' + ', '.join(
-    f'blocks.2.{n} {s}' for n, s in BLOCK2_SHAPES.items())
+    f'blocks.2.{n} {s}' for n, s in list(BLOCK2_SHAPES.items())[:5]) + ', and 7 more'
+
 
 
 def test_eval_of_another_architecture_lists_mismatches(tmp_path, other_architecture):

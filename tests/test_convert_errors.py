@@ -1,5 +1,6 @@
 """Conversion refuses bad input with messages that list what is wrong (names, shapes, files)."""
 
+import re
 import sys
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from avit_jax import convert
 from avit_jax.torch_io import ConvertError
+from configs import fashion_mnist
 from tests.test_convert import model_config, random_timm, timm_to_hf, save_pth, params_of
 
 
@@ -40,6 +42,26 @@ def test_depth_mismatch_gives_a_hint():
   assert message.endswith('  hint: the checkpoint has depth 3 and width 192; choose the '
                           'matching config or override, e.g. --config.model.depth=3 '
                           '--config.model.dim=192')
+
+
+def test_another_geometry_gives_a_short_message_whose_hint_fits():
+  """DeiT-T-shaped weights against the Fashion-MNIST config: the first few names of each
+  kind, counted beyond, and a hint whose overrides make the same weights convert."""
+  sd = random_timm(17, model_config('tiny', **SMALL))  # width 192, depth 2, patch 16, 32 px
+  target = fashion_mnist.get_config().model             # width 64, depth 6, patch 7, 28 px
+  with pytest.raises(ConvertError) as e:
+    convert.from_torch(sd, target)
+  lines = str(e.value).splitlines()
+  assert len(lines) == 4 and len(str(e.value)) < 1500
+  assert lines[1].startswith('  shape mismatches: ') and lines[1].endswith(' more')
+  assert lines[2].startswith('  missing from the checkpoint: blocks.2.attn.proj.bias (64,), ')
+  flags = dict(re.findall(r'--config\.model\.(\w+)=(\S+)', lines[-1]))
+  assert flags == {'depth': '2', 'dim': '192', 'patch': '16', 'image_size': '32', 'heads': '3'}
+  for name, value in flags.items():
+    target[name] = int(value)
+  model = convert.from_torch(sd, target)
+  np.testing.assert_array_equal(params_of(model)['patch_embed.proj.kernel'],
+                                sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0))
 
 
 def test_hf_mismatch_names_the_file_entry():
