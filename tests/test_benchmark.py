@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from avit_jax import benchmark, flops, inference
-from avit_jax.benchmark import measure, phases, profiles
+from avit_jax.benchmark import cli, measure, phases, profiles
 from tests.test_inference import small_config, varied_model
 
 
@@ -130,3 +130,13 @@ def test_options_are_refused_before_any_work(argv, message, capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.strip().splitlines()[-1] == f'python -m avit_jax.benchmark: error: {message}'
+
+
+def test_auto_picks_the_faster_exact_mode_the_benchmark_timed():
+  """The benchmark's 'auto picks' come from its own compact and masked timings at each batch
+  size, by the rule auto applies to its own timing; dense where no exact mode was timed."""
+  rows = [dict(batch=b, mode=m, ms_per_batch=ms) for b, m, ms in (
+      (1, 'dense', 1.0), (1, 'masked', 3.0), (1, 'compact', 2.0), (1, 'capacity', 0.5),
+      (8, 'dense', 5.0), (8, 'masked', 6.0), (8, 'compact', 7.0), (8, 'pytorch', 1.0))]
+  assert cli.auto_picks(rows) == {1: 'compact', 8: 'masked'}
+  assert cli.auto_picks([dict(batch=4, mode='dense', ms_per_batch=1.0)]) == {4: 'dense'}

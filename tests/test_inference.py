@@ -279,17 +279,56 @@ def test_capacity_bad_budgets():
     inference.calibrate_capacity(model, images(2), quantile=0.0)
 
 
-def test_auto_picks_compact_where_an_image_has_enough_work():
-  """The documented rule: compact when N * 12 * D^2 >= 1e7 multiply-adds per image and layer
-  (DeiT-T geometry: 8.7e7), dense below (this 65-token width-64 model: 3.2e6), at every batch
-  size; a model without halting always runs dense."""
-  small = varied_model(0)
-  deit_t = models.create(config_lib.model_config('tiny'), seed=0)
-  assert [inference.auto_mode(small, b) for b in (1, 8, 64)] == ['dense'] * 3
-  assert [inference.auto_mode(deit_t, b) for b in (1, 8, 64)] == ['compact'] * 3
-  no_halting = models.create(small_config(halting=False), seed=0)
-  assert inference.auto_mode(no_halting, 64) == 'dense'
-  predict = inference.make_predict_fn(small, 'auto')
+@pytest.mark.parametrize('pick', ['compact', 'masked'])
+def test_auto_gives_masked_answers_from_either_exact_mode(pick, monkeypatch):
+  """auto is the A-ViT whichever exact mode the timing prefers: forced to each, its logits,
+  token depths and ponder are masked's, on a model whose tokens halt at varied depths."""
+  monkeypatch.setattr(inference, 'faster_exact_mode', lambda seconds: pick)
+  model = varied_model(2)
+  x = images(8, 2)
+  masked = inference.make_predict_fn(model, 'masked', chunk_size=4)(x)
+  assert len(np.unique(np.asarray(masked.token_depth))) >= 3
+  predict = inference.make_predict_fn(model, 'auto', chunk_size=4, rounds=1)
+  first = predict(x)  # times both modes on this batch, then keeps the choice for its shape
+  assert predict.modes == {x.shape: pick}
+  assert set(predict.seconds[x.shape]) == {'compact', 'masked'}
+  assert_same_answers(masked, first)
+  assert_same_answers(masked, predict(x))
+  assert predict.mode_for(x.shape) == pick
+
+
+def test_auto_decides_per_batch_shape_from_its_timing(monkeypatch):
+  """The faster exact mode by the timing of each batch shape's first call; auto_mode times
+  synthetic images of the model's size; new parameters are timed again."""
+  seen = []
+
+  def faster(seconds):
+    seen.append(dict(seconds))
+    return 'compact' if len(seen) % 2 else 'masked'
+
+  monkeypatch.setattr(inference, 'faster_exact_mode', faster)
+  model = varied_model(0)
+  predict = inference.make_predict_fn(model, 'auto', rounds=1)
+  predict(images(2)), predict(images(3)), predict(images(2, 1))
+  assert predict.modes == {(2, 32, 32, 3): 'compact', (3, 32, 32, 3): 'masked'}
+  assert len(seen) == 2 and all(set(s) == {'compact', 'masked'} and min(s.values()) > 0
+                                for s in seen)
+  assert predict.mode_for((5, 32, 32, 3)) == 'compact' and len(seen) == 3
+  predict.set_params(varied_model(1))
+  assert predict.modes == {}
+  assert inference.auto_mode(model, 4) == 'masked' and len(seen) == 4
+  with pytest.raises(ValueError, match=r'expected images of shape \[B, 32, 32, 3\]'):
+    predict.mode_for((2, 16, 16, 3))
+  monkeypatch.undo()  # the rule itself: the faster by median seconds per batch
+  assert inference.faster_exact_mode({'compact': 1.0, 'masked': 2.0}) == 'compact'
+  assert inference.faster_exact_mode({'compact': 2.0, 'masked': 1.0}) == 'masked'
+
+
+def test_auto_runs_a_model_without_halting_dense():
+  deit = models.create(small_config(halting=False), seed=0)
+  assert inference.auto_mode(deit, 4) == 'dense'
   x = images(2)
+  predict = inference.make_predict_fn(deit, 'auto')
   np.testing.assert_array_equal(predict(x).logits,
-                                inference.make_predict_fn(small, 'dense')(x).logits)
+                                inference.make_predict_fn(deit, 'dense')(x).logits)
+  assert predict.modes == {x.shape: 'dense'} and predict.seconds == {}

@@ -89,6 +89,19 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
   return rows, latency
 
 
+def auto_picks(rows: list[dict]) -> dict:
+  """{batch: mode} that 'auto' picks from these timings: at each batch size the faster of
+  compact and masked (`inference.faster_exact_mode` on their seconds per batch, the rule
+  'auto' applies to its own timing), or dense where neither was timed (halting off)."""
+  picks = {}
+  for b in dict.fromkeys(r['batch'] for r in rows):
+    seconds = {r['mode']: r['ms_per_batch'] for r in rows
+               if r['batch'] == b and r['mode'] in inference.EXACT_MODES}
+    picks[b] = (inference.faster_exact_mode(seconds)
+                if set(seconds) == set(inference.EXACT_MODES) else 'dense')
+  return picks
+
+
 def compact_work(predictor, token_depth, model_config) -> dict:
   """Compact's computed work over what the halting needs, summed over layers, and the
   efficiency that work allows: the multiply-adds the halting needs over those compact's
@@ -236,8 +249,8 @@ def main(argv=None) -> dict:
                                 profile=args.profile, log=log)
     result['rows'] += rows
     result['latency'] += latency
-    result['auto'][name] = {b: inference.auto_mode(model, b) for b in batch_sizes}
-    log(f'# {name}: mode auto picks ' + ', '.join(
+    result['auto'][name] = auto_picks(rows)
+    log(f'# {name}: mode auto picks (the faster exact mode timed above) ' + ', '.join(
         f'{m} at batch {b}' for b, m in result['auto'][name].items()))
 
   for variant in variants:

@@ -10,7 +10,10 @@
   capacity one static graph with a token budget per layer (`calibrate_capacity`); a token
            over budget is cut (halts where it is). Equals masked when nothing is cut, which
            the default calibration guarantees on its calibration images.
-  auto     compact where removing tokens pays for its bookkeeping, else dense (`auto_mode`).
+  auto     the A-ViT's answers (masked's logits and token depths) from whichever exact mode,
+           compact or masked, runs a batch shape faster on this machine: both are timed on
+           the first batch of each shape and the choice is kept for that shape
+           (`AutoPredictor.mode_for`, `auto_mode`). A model with halting off runs dense.
 In compact and capacity, halting_scores hold the score of every layer a token ran (0 after
 it halted: the masked graph computes a meaningless value there) and halting_mean is 0, a
 training-only quantity. dense, masked and capacity run large batches in chunks of
@@ -27,9 +30,12 @@ sequence and packed, its two layouts, and shapes, its bucket sizes).
 
 from __future__ import annotations
 
+import functools
+import time
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -40,29 +46,49 @@ from avit_jax.inference.compact import CompactPredictor
 from avit_jax.inference.predictor import Predictor
 from avit_jax.models.avit import AViT, AViTOutput
 
-__all__ = ['PREDICT_MODES', 'PredictFn', 'CompactPredictor', 'Predictor', 'auto_mode',
-           'calibrate_capacity', 'default_chunk_size', 'make_predict_fn']
+__all__ = ['EXACT_MODES', 'PREDICT_MODES', 'PredictFn', 'AutoPredictor', 'CompactPredictor',
+           'Predictor', 'auto_mode', 'calibrate_capacity', 'default_chunk_size',
+           'faster_exact_mode', 'make_predict_fn', 'time_calls']
 
 PREDICT_MODES = ('dense', 'masked', 'compact', 'capacity', 'auto')
 PredictFn = Callable[[jax.Array], AViTOutput]
 
-# auto: compact when an image's token-wise work per layer is at least this many
-# multiply-adds (N * 12 D^2: DeiT-T 8.7e7, the Fashion-MNIST default 8.4e5). A layer of
-# token removal has bookkeeping of its own (halting step, repack, picking a bucket, many
-# small operations); below this the tokens it removes save less than that costs, at every
-# batch size measured (1 to 64).
-AUTO_COMPACT_MACS = 1e7
+# Timed calls of each exact mode, after a warm-up call each, when 'auto' meets a batch shape.
+AUTO_ROUNDS = 2
+EXACT_MODES = ('compact', 'masked')
 
 
-def auto_mode(model: AViT, batch: int) -> str:
-  """The mode 'auto' runs for batches of `batch` images: 'compact' or 'dense' (on this rule
-  the same for every batch size)."""
-  del batch  # kept in the signature: a rule for accelerators may depend on it
-  if not model.halting:
-    return 'dense'
-  dim = model.cls_token.shape[-1]
-  work = model.num_tokens * 12 * dim * dim
-  return 'compact' if work >= AUTO_COMPACT_MACS else 'dense'
+def faster_exact_mode(seconds: dict) -> str:
+  """The exact mode 'auto' picks from seconds per batch of 'compact' and 'masked': compact
+  when it is faster, else masked."""
+  return 'compact' if seconds['compact'] < seconds['masked'] else 'masked'
+
+
+def time_calls(fns: dict, rounds: int) -> tuple[dict, dict]:
+  """Runs each fn() once to warm up, then `rounds` rounds in turns (each round starts one fn
+  later, so no fn always runs first): the median wall seconds per call of each fn and its
+  last output."""
+  outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}
+  names = list(fns)
+  samples = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      start = time.perf_counter()
+      outputs[name] = jax.block_until_ready(fns[name]())
+      samples[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in samples.items()}, outputs
+
+
+def auto_mode(model: AViT, batch: int, images: jax.Array | None = None) -> str:
+  """The mode 'auto' picks for batches of `batch` images of `model`: 'dense' for a model with
+  halting off, else the faster of 'compact' and 'masked' timed on `images` (None: synthetic
+  images of the model's size). Each call times afresh, so on a busy machine two calls can
+  disagree where the two modes run about as fast."""
+  return AutoPredictor(model).mode_for((batch,) + _image_shape(model), images)
+
+
+def _image_shape(model: AViT) -> tuple[int, int, int]:
+  return (model.image_size, model.image_size, model.in_chans)
 
 
 def make_predict_fn(model: AViT, mode: str, *, chunk_size: int | None = None,
@@ -71,7 +97,8 @@ def make_predict_fn(model: AViT, mode: str, *, chunk_size: int | None = None,
 
   chunk_size: images per chunk for large batches (in 'compact': MLP rows per matmul, that
     many images' worth) (None: `default_chunk_size(model)`; 0: the whole batch).
-  compact_options: bucket and layout choices of 'compact' (see CompactPredictor).
+  compact_options: bucket and layout choices of 'compact' (see CompactPredictor); for 'auto'
+    also `rounds`, the timed calls of each exact mode per batch shape (see AutoPredictor).
   capacity: for 'capacity', the token budget of every layer (see `calibrate_capacity`).
   """
   if mode not in PREDICT_MODES:
@@ -121,15 +148,51 @@ def calibrate_capacity(model: AViT, images: jax.Array, *, quantile: float = 1.0,
 
 
 class AutoPredictor:
-  """Mode 'auto': for each batch size the predictor of `auto_mode(model, batch)`."""
+  """Mode 'auto': the A-ViT's answers from the faster exact mode for each batch shape.
 
-  def __init__(self, model: AViT, **options):
+  With halting on, the first batch of a shape is run in 'compact' and in 'masked' (compiling
+  both), each timed `rounds` more times in turns, and the faster (`faster_exact_mode`) runs
+  every later batch of that shape; either gives masked's logits and token depths. With
+  halting off, 'dense' (the model is plain DeiT). `modes` holds the choice per batch shape.
+  """
+
+  def __init__(self, model: AViT, *, rounds: int = AUTO_ROUNDS, **options):
+    if int(rounds) < 1:
+      raise ValueError(f'rounds must be at least 1, got {rounds}')
     self.model = model
+    self.rounds = rounds
+    self.modes = {}
+    self.seconds = {}
     self._options = options
     self._predictors = {}
 
-  def mode(self, batch: int) -> str:
-    return auto_mode(self.model, batch)
+  def mode_for(self, batch_shape: Sequence[int], images: jax.Array | None = None) -> str:
+    """The mode for images of `batch_shape` [B, H, W, C]: cached, else decided by timing both
+    exact modes on `images` (None: synthetic images of that shape)."""
+    batch_shape = tuple(int(d) for d in batch_shape)
+    if images is not None:
+      self.model.check_images(images)
+      if tuple(images.shape) != batch_shape:
+        raise ValueError(f'images of shape {tuple(images.shape)} given for batch shape '
+                         f'{batch_shape}')
+    if batch_shape not in self.modes:
+      if images is None:
+        self.model.check_images(jnp.zeros((0,) + batch_shape[1:]))
+        images = jax.random.normal(jax.random.key(0), batch_shape, jnp.float32)
+      self._decide(images)
+    return self.modes[batch_shape]
+
+  def _decide(self, images: jax.Array) -> AViTOutput | None:
+    """Decides the mode of this batch shape; returns that mode's output for `images` where
+    timing produced it."""
+    shape = tuple(images.shape)
+    if not self.model.halting:
+      self.modes[shape] = 'dense'
+      return None
+    fns = {mode: functools.partial(self._predictor(mode), images) for mode in EXACT_MODES}
+    self.seconds[shape], outputs = time_calls(fns, self.rounds)
+    self.modes[shape] = faster_exact_mode(self.seconds[shape])
+    return outputs[self.modes[shape]]
 
   def _predictor(self, mode: str):
     if mode not in self._predictors:
@@ -139,7 +202,11 @@ class AutoPredictor:
     return self._predictors[mode]
 
   def set_params(self, model: AViT) -> None:
+    """Takes new parameters without recompiling; as they change the halting, each batch
+    shape is timed again at its next call."""
     self.model = model
+    self.modes.clear()
+    self.seconds.clear()
     for predictor in self._predictors.values():
       predictor.set_params(model)
 
@@ -148,4 +215,12 @@ class AutoPredictor:
 
   def __call__(self, images: jax.Array) -> AViTOutput:
     self.model.check_images(images)
-    return self._predictor(self.mode(images.shape[0]))(images)
+    shape = tuple(images.shape)
+    if shape not in self.modes:
+      if isinstance(images, jax.core.Tracer):  # traced: no values to time on
+        self.mode_for(shape)
+      else:
+        out = self._decide(images)
+        if out is not None:
+          return out
+    return self._predictor(self.modes[shape])(images)
