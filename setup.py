@@ -35,7 +35,7 @@ setup(
     name='avit_jax',
     version='0.1.0',
     description='A-ViT (adaptive tokens for efficient vision transformers) in JAX / Flax NNX',
-    packages=find_packages(include=['avit_jax', 'avit_jax.*', 'configs']),
+    packages=find_packages(include=['avit_jax', 'avit_jax.*']),
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={
