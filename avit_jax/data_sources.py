@@ -29,6 +29,11 @@ FASHION_MNIST_FILES = {'train': 'train', 'test': 't10k'}
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
+class DataNotFoundError(FileNotFoundError, ValueError):
+  """The data a config names is not there: a missing file, and a config value to fix (so
+  callers that report config mistakes in one line report it too)."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Table:
   """A split addressable by index: decoded uint8 arrays, encoded bytes, or file paths."""
@@ -107,7 +112,7 @@ def fashion_mnist(data_dir: str, split: str) -> Table:
   try:
     images, labels = _tfds_fashion_mnist(split)
   except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f'Fashion-MNIST not found. Tried the IDX files {tried} (config.data.data_dir='
         f'{data_dir!r}) and tensorflow-datasets "fashion_mnist" ({type(e).__name__}: {e}). '
         'Provide the data with `apt-get install dataset-fashion-mnist` (installs '
@@ -145,7 +150,7 @@ def _folder_split_dir(root: str, split: str) -> str:
   for path in candidates:
     if tf.io.gfile.isdir(path):
       return path
-  raise FileNotFoundError(f'No split directory for split {split!r}: tried {candidates}. Expected '
+  raise DataNotFoundError(f'No split directory for split {split!r}: tried {candidates}. Expected '
                           'ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG with '
                           'config.data.data_dir=ROOT.')
 
@@ -155,16 +160,22 @@ def _subdirs(path: str) -> list[str]:
                 if tf.io.gfile.isdir(os.path.join(path, d)))
 
 
+def folder_classes(root: str, split: str, train_split: str) -> list[str]:
+  """Class folder names, index order: the train split's (so every split agrees on them), or
+  `split`'s own where there is no train split."""
+  try:
+    return _subdirs(_folder_split_dir(root, train_split))
+  except FileNotFoundError:
+    return _subdirs(_folder_split_dir(root, split))
+
+
 @functools.lru_cache(maxsize=4)
 def folder(root: str, split: str, train_split: str, cache: bool) -> Table:
   if not root:
     raise ValueError('config.data.source="folder" needs config.data.data_dir=ROOT holding '
                      'ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG')
   split_dir = _folder_split_dir(root, split)
-  try:  # Class indices come from the train split so every split agrees on them.
-    classes = _subdirs(_folder_split_dir(root, train_split))
-  except FileNotFoundError:
-    classes = _subdirs(split_dir)
+  classes = folder_classes(root, split, train_split)
   index = {name: i for i, name in enumerate(classes)}
   paths, labels = [], []
   for name in _subdirs(split_dir):
@@ -191,7 +202,7 @@ def folder(root: str, split: str, train_split: str, cache: bool) -> Table:
 def tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(config.data.source, data_dir=config.data.data_dir or None)
   if not builder.is_prepared():
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f'tfds {config.data.source} is not prepared under {builder.data_dir}. Prepare it once: '
         'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in MANUAL_DIR, run `tfds build '
         'imagenet2012 --manual_dir=MANUAL_DIR --data_dir=DATA_DIR` and set '
@@ -225,9 +236,53 @@ def table(config: ml_collections.ConfigDict, split: str) -> Table:
 
 
 def check_config(data_config: ml_collections.ConfigDict) -> None:
-  """The one check of config.data: a known source (the files are checked when read)."""
+  """The static check of config.data: a known source (`check_data` looks at the files)."""
   if data_config.source not in SOURCES:
     raise config_lib.invalid('data.source', data_config.source, f'expected one of {SOURCES}')
+
+
+def check_data(config: ml_collections.ConfigDict, fields: tuple[str, ...]) -> int | None:
+  """The splits named by config.data.<fields> exist in the source and hold data; returns
+  the number of classes of the source (None: not known yet).
+
+  Fashion-MNIST is read as the pipeline reads it (the tables are cached for it); a folder
+  tree is only listed; a tfds source is checked against its builder info when prepared,
+  which needs no download (an unprepared one is reported with its instructions when the
+  pipeline opens it).
+  """
+  data, source = config.data, config.data.source
+
+  def check_names(available) -> None:
+    for field in fields:
+      if data[field] not in available:
+        raise config_lib.invalid(f'data.{field}', data[field],
+                                 f'{source} has splits {sorted(available)}')
+
+  if source == 'fashion_mnist':
+    check_names(FASHION_MNIST_FILES)
+    return max(int(table(config, data[f]).labels.max(initial=-1)) for f in fields) + 1
+  if source == 'folder':
+    root = data.data_dir
+    if not root or not tf.io.gfile.isdir(root):
+      raise config_lib.invalid('data.data_dir', root, 'source "folder" needs an existing '
+                               'directory ROOT holding ROOT/train/<class>/*.JPEG and '
+                               'ROOT/val/<class>/*.JPEG')
+    for field in fields:
+      split = data[field]
+      try:
+        _folder_split_dir(root, split)
+      except FileNotFoundError:
+        raise config_lib.invalid(
+            f'data.{field}', split, f'{root} has no folder {split!r}'
+            f'{" (or val)" if split == "validation" else ""}; its folders are '
+            f'{_subdirs(root)}') from None
+    return len(folder_classes(root, data[fields[0]], data.train_split))
+  builder = tfds.builder(source, data_dir=data.data_dir or None)
+  if not builder.is_prepared():
+    return None
+  check_names(builder.info.splits.keys())
+  label = builder.info.features['label'] if 'label' in builder.info.features else None
+  return getattr(label, 'num_classes', None)
 
 
 def prepare_imagenet(config: ml_collections.ConfigDict, manual_dir: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from collections.abc import Iterator
 
@@ -39,6 +40,7 @@ from absl import logging
 
 from avit_jax import augment
 from avit_jax import data_sources
+from avit_jax import validation
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -345,11 +347,21 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  if flags.FLAGS.prepare_imagenet:
-    print('prepared', data_sources.prepare_imagenet(config, flags.FLAGS.prepare_imagenet))
+  try:  # The user's to fix: one line, as `python -m avit_jax.main` prints it.
+    data_check(config, flags.FLAGS)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    sys.exit(f'error: {e}')
+
+
+def data_check(config: ml_collections.ConfigDict, options) -> None:
+  """The command's work: prepare ImageNet, time the pipelines, or print split sizes and the
+  shapes of a train batch (after the config's data checks)."""
+  if options.prepare_imagenet:
+    print('prepared', data_sources.prepare_imagenet(config, options.prepare_imagenet))
     return
-  if flags.FLAGS.bench:
-    for name, rate in benchmark(config, flags.FLAGS.bench_batches).items():
+  validation.validate_config(config, device_count=1)  # batch sizes: checked by the run
+  if options.bench:
+    for name, rate in benchmark(config, options.bench_batches).items():
       print(f'{name}: {rate:,.0f} images/s ({config.data.source}, image_size '
             f'{config.model.image_size})')
     return

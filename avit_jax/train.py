@@ -151,6 +151,31 @@ def save_checkpoint(manager: checkpoints.TrainCheckpoints, state: TrainState,
                metrics={'top1': metrics['top1']} if metrics else None)
 
 
+def save_on_failure(manager: checkpoints.TrainCheckpoints, state: TrainState,
+                    config: ml_collections.ConfigDict, steps_per_epoch: int,
+                    reported: int) -> None:
+  """After an error in the loop: saves the last completed step unless it is saved already,
+  so a rerun resumes there. Only on one process (a save is collective: the others may not
+  have failed) and only from a state whose non-finite steps were all allowed; a failure of
+  this save is logged, never raised over the run's own error."""
+  if jax.process_count() > 1:
+    return
+  try:
+    step = int(state.step)
+    bad = int(state.nonfinite_steps)
+    latest = manager.latest_step()
+    if (not step or (latest is not None and step <= latest)
+        or (bad > reported and not config.skip_nonfinite_steps)):
+      return
+    save_checkpoint(manager, state, config, steps_per_epoch)
+    manager.wait()
+    logging.warning('the run failed after step %d; wrote checkpoint %s (rerun the same '
+                    'command to resume from it)', step, manager.step_dir(step))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.error('the run failed and its last step could not be saved: %s: %s',
+                  type(e).__name__, e)
+
+
 def checkpoint_metadata(config: ml_collections.ConfigDict) -> dict:
   """What a checkpoint needs to be used without its config: model, data statistics, losses."""
   return {'model': checkpoints.metadata_json(config.model),
@@ -361,10 +386,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     manager = checkpoints.TrainCheckpoints(run_dir.path, keep=config.keep_checkpoints)
     writer = MetricWriter(run_dir.path, jax.process_index() == 0)
     preemption = distributed.Preemption()
+    intact = False
     try:
       state = restore_or_init(manager, state, program.state_shardings)
       start, total = int(state.step), program.total_steps
       reported = int(state.nonfinite_steps)
+      intact = True
       eval_every = config.eval_every_steps or program.steps_per_epoch
       eval_params = lambda s: s.ema_params if s.ema_params is not None else s.params
       batches = input_pipeline.train_iterator(config, start_step=start)
@@ -375,7 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       tick_step = start
       for step in range(start, total):
         batch = sharding.global_batch(next(batches), program.mesh)
+        intact = False  # the step donates the state's buffers: gone if it fails
         state, metrics = program.train_step(state, batch)
+        intact = True
         done = step + 1
         # Asked once per step on every process: with several processes it is the point at
         # which all of them learn of a SIGTERM delivered to any one, at the same step.
@@ -410,6 +439,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
         last_eval['step'] = start
         writer.evaluation(last_eval, split=config.data.eval_split, depth=config.model.depth)
+    except (Preempted, NonFiniteLossError):
+      raise  # each has written (or refused) its checkpoint already
+    except Exception:
+      if intact:
+        save_on_failure(manager, state, config, program.steps_per_epoch, reported)
+      raise
     finally:
       # Wait for the last save while SIGTERM is still only a flag: a kill now would waste it.
       manager.close()

@@ -3,7 +3,8 @@
 Each section is checked once, by the module that uses it; `validate_config` calls them in
 this order (it decides which of several mistakes is named first): every field's type
 (config_lib), the run mode and lengths (here: what the training loop reads), the data
-source (data_sources), the model (models), the losses (losses) and the optimizer (optim).
+source (data_sources), the model (models), the losses (losses) and the optimizer (optim),
+and last, as the most costly, the data on disk against the config (`check_data`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,32 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
   if config.model.halting:
     losses.check_prior_target(config.model.depth, config.loss.prior_target_depth)
   optim.check_config(config.optimizer)
+  check_data(config)
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """The images the pipeline can make for the model, and the data the run reads: its splits
+  exist and hold data, and their labels fit model.num_classes.
+
+  A checkpoint's head of another class count is replaced by design (finetune.adapt_params),
+  and one of another width is an architecture mismatch that checkpoints.assign_params lists
+  before compiling, so config.init_from is not opened here.
+  """
+  if config.model.in_chans != 3:
+    raise config_lib.invalid('model.in_chans', config.model.in_chans,
+                             'the input pipeline makes RGB images; expected 3')
+  crop_pct, size = config.data.crop_pct, config.model.image_size
+  if not 0 < crop_pct <= 1:
+    raise config_lib.invalid(
+        'data.crop_pct', crop_pct, f'eval resizes the shorter side to floor(model.image_size / '
+        f'crop_pct) and crops model.image_size={size} from it; expected a value in (0, 1]')
+  fields = ('train_split', 'eval_split') if config.mode == 'train' else ('eval_split',)
+  classes = data_sources.check_data(config, fields)
+  if classes is not None and classes > config.model.num_classes:
+    raise config_lib.invalid(
+        'model.num_classes', config.model.num_classes,
+        f'{config.data.source} has {classes} classes (labels 0..{classes - 1}); expected '
+        f'at least {classes}')
 
 
 def _check_run_lengths(config: ml_collections.ConfigDict, devices: int) -> None:

@@ -85,6 +85,21 @@ def test_cli_impossible_value_is_one_line_without_traceback(tmp_path):
     ({'model.eps': 0.0}, 'config.model.eps=0.0 is invalid: expected a value in (0, 1)'),
     ({'model.eps': 1.0}, 'config.model.eps=1.0 is invalid: expected a value in (0, 1)'),
     ({'model.eps': -0.5}, 'config.model.eps=-0.5 is invalid: expected a value in (0, 1)'),
+    # The data against the config: what used to fail only at the first eval or batch.
+    ({'data.eval_split': 'validation'}, "config.data.eval_split='validation' is invalid: "
+                                        "fashion_mnist has splits ['test', 'train']"),
+    ({'data.train_split': 'training'}, "config.data.train_split='training' is invalid: "
+                                       "fashion_mnist has splits ['test', 'train']"),
+    ({'data.source': 'folder', 'data.data_dir': '/nonexistent/avit_data'},
+     "config.data.data_dir='/nonexistent/avit_data' is invalid: source \"folder\" needs an "
+     'existing directory ROOT holding ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG'),
+    ({'data.crop_pct': 1.5}, 'config.data.crop_pct=1.5 is invalid: eval resizes the shorter '
+                             'side to floor(model.image_size / crop_pct) and crops '
+                             'model.image_size=28 from it; expected a value in (0, 1]'),
+    ({'model.in_chans': 1}, 'config.model.in_chans=1 is invalid: the input pipeline makes RGB '
+                            'images; expected 3'),
+    ({'model.num_classes': 5}, 'config.model.num_classes=5 is invalid: fashion_mnist has 10 '
+                               'classes (labels 0..9); expected at least 10'),
 ])
 def test_impossible_values_fail_before_any_compilation(tmp_path, overrides, message):
   assert jax.device_count() == 8
@@ -170,6 +185,62 @@ def test_default_command_without_data_or_network_fails_within_seconds(tmp_path):
       'train-/t10k-{images-idx3,labels-idx1}-ubyte.gz into a directory and set '
       '--config.data.data_dir to it.')
   assert 'Traceback' not in result.stderr
+
+
+def test_folder_split_missing_names_the_folders(tmp_path):
+  os.makedirs(tmp_path / 'train' / 'a')
+  os.makedirs(tmp_path / 'test' / 'a')
+  config = tiny_config(**{'data.source': 'folder', 'data.data_dir': str(tmp_path),
+                          'data.eval_split': 'validation'})
+  with pytest.raises(ValueError) as e:
+    validation.validate_config(config)
+  assert str(e.value) == (f"config.data.eval_split='validation' is invalid: {tmp_path} has no "
+                          "folder 'validation' (or val); its folders are ['test', 'train']")
+  config.mode = 'eval'  # reads the eval split only
+  config.data.eval_split = 'test'
+  validation.validate_config(config)
+
+
+def test_missing_fashion_mnist_is_a_config_error(tmp_path, monkeypatch):
+  # Refused by validate_config (main reports its ValueErrors in one line) and still a
+  # FileNotFoundError for those that catch missing files.
+  def refuse(address, timeout=None):
+    raise ConnectionRefusedError(111, 'Connection refused')
+  real_builder = data_sources.tfds.builder
+  monkeypatch.setattr(data_sources.tfds, 'builder',
+                      lambda name, **kwargs: real_builder(name, data_dir=str(tmp_path / 'tfds')))
+  monkeypatch.setattr(data_sources.socket, 'create_connection', refuse)
+  config = tiny_config(**{'data.data_dir': str(tmp_path / 'none')})
+  with pytest.raises(data_sources.DataNotFoundError) as e:
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert isinstance(e.value, ValueError) and isinstance(e.value, FileNotFoundError)
+  assert str(e.value).startswith('Fashion-MNIST not found. Tried the IDX files ')
+  assert not (tmp_path / 'wd').exists()
+
+
+def test_a_failure_mid_run_saves_the_last_step(tmp_path, monkeypatch):
+  # The eval at step 6 fails: step 6 was trained and is saved before the error propagates.
+  config = tiny_config(**{'eval_every_steps': 6})
+  real_evaluate = train.evaluate
+
+  def failing_evaluate(*args, **kwargs):
+    raise RuntimeError('eval failed')
+  monkeypatch.setattr(train, 'evaluate', failing_evaluate)
+  workdir = tmp_path / 'wd'
+  with pytest.raises(RuntimeError, match='^eval failed$'):
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6']
+  check = checkpoints.check_step(str(workdir / 'checkpoints' / '6'))
+  assert check.ok, check.problems
+  # The rerun resumes at step 6 and finishes.
+  monkeypatch.setattr(train, 'evaluate', real_evaluate)
+  resumed = []
+  real_iterator = train.input_pipeline.train_iterator
+  monkeypatch.setattr(train.input_pipeline, 'train_iterator',
+                      lambda c, start_step: resumed.append(start_step) or real_iterator(
+                          c, start_step=start_step))
+  assert train.train_and_evaluate(config, str(workdir))['step'] == 8
+  assert resumed == [6]
 
 
 # -- workdir ------------------------------------------------------------------------------
@@ -398,3 +469,4 @@ def test_nan_and_inf_images_give_nan_logits_for_that_image_only(model):
     np.testing.assert_allclose(logits[ok], np.asarray(ref.logits)[ok], rtol=0,
                                atol=1e-5 if mode in ('compact', 'capacity') else 0,
                                err_msg=mode)
+

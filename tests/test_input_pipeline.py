@@ -4,11 +4,14 @@ import gzip
 import io
 import logging
 import os
+import subprocess
+import sys
 import tarfile
 import time
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from avit_jax import data_sources, input_pipeline
@@ -367,3 +370,31 @@ def test_imagenet2012_through_tfds(tmp_path):
     assert sorted(np.concatenate(seen).tolist()) == [0] * 6 + [1] * 6
     batches = list(input_pipeline.eval_iterator(config))
     assert sum(b['mask'].sum() for b in batches) == 5
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('case', ['wrong_split', 'missing_imagenet'])
+def test_data_check_command_prints_one_line(tmp_path, case):
+  """`python -m avit_jax.input_pipeline` (the README's data check): main's one-line error."""
+  if case == 'wrong_split':
+    flags = ['configs/tiny.py', '--config.data.source=fashion_mnist',
+             '--config.data.data_dir=/usr/share/datasets/fashion-mnist']
+    message = ("error: config.data.eval_split='validation' is invalid: fashion_mnist has "
+               "splits ['test', 'train']")
+  else:
+    flags = ['configs/tiny.py', f'--config.data.data_dir={tmp_path}']
+    version = tfds.builder_cls('imagenet2012').VERSION
+    message = (f'error: tfds imagenet2012 is not prepared under {tmp_path}/imagenet2012/'
+               f'{version}. Prepare it once: put ILSVRC2012_img_train.tar and '
+               'ILSVRC2012_img_val.tar in MANUAL_DIR, run `tfds build imagenet2012 '
+               '--manual_dir=MANUAL_DIR --data_dir=DATA_DIR` and set '
+               '--config.data.data_dir=DATA_DIR (a gs:// bucket works); or use an image '
+               'folder with --config.data.source=folder. See docs/data.md.')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable, '-m', 'avit_jax.input_pipeline', '--config', *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == message
+  assert 'Traceback' not in result.stderr and not result.stdout
