@@ -31,16 +31,21 @@ class MetricWriter:
       self._tb.flush()
 
   def train_step(self, step: int, total: int, metrics: dict, *, epoch: float,
-                 images_per_second: float, eta_seconds: float, nonfinite_steps: int) -> None:
-    """Scalars train/* and the log line of a logged step (metrics already on the host)."""
-    self.scalars(step, {f'train/{k}': v for k, v in metrics.items()} |
-                 {'train/images_per_second': images_per_second,
-                  'train/nonfinite_steps': nonfinite_steps})
+                 images_per_second: float | None, eta_seconds: float | None,
+                 nonfinite_steps: int) -> None:
+    """Scalars train/* and the log line of a logged step (metrics already on the host).
+    images_per_second / eta_seconds: None when no step since the last report was timed (the
+    first step of a run compiles)."""
+    timed = {} if images_per_second is None else {'train/images_per_second': images_per_second}
+    self.scalars(step, {f'train/{k}': v for k, v in metrics.items()} | timed |
+                 {'train/nonfinite_steps': nonfinite_steps})
+    speed = '-' if images_per_second is None else f'{images_per_second:.0f}'
+    eta = '-' if eta_seconds is None else time.strftime('%H:%M:%S', time.gmtime(eta_seconds))
     logging.info('step %d/%d epoch %.2f | loss %.4f (ce %.4f ponder %.5f prior %.5f) | '
-                 'depth %.2f compute %.0f%% | lr %.2e | %.0f img/s | ETA %s', step, total, epoch,
+                 'depth %.2f compute %.0f%% | lr %.2e | %s img/s | ETA %s', step, total, epoch,
                  metrics['loss'], metrics['ce'], metrics['ponder_loss'], metrics['prior_loss'],
                  metrics['mean_token_depth'], 100 * metrics['remaining_compute'], metrics['lr'],
-                 images_per_second, time.strftime('%H:%M:%S', time.gmtime(eta_seconds)))
+                 speed, eta)
 
   def evaluation(self, metrics: dict, *, split: str, depth: int, path: str | None = None) -> None:
     """`path` (default WORKDIR/eval.json, replaced atomically), scalars eval/<split>/* and

@@ -414,13 +414,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         save_now = eval_now or done % config.checkpoint_every_steps == 0 or preempted
         if log_now or save_now:  # nothing is logged or saved from a non-finite step
           reported = check_finite(state, config, reported, manager)
+        if step == start:
+          # The first step compiled the program: the images/s clock starts after it.
+          jax.block_until_ready(state.step)
+          tick, tick_step = time.perf_counter(), done
         if log_now:
           now = time.perf_counter()
-          rate = (done - tick_step) * config.batch_size / (now - tick)
+          rate = ((done - tick_step) * config.batch_size / (now - tick) if done > tick_step
+                  else None)
           writer.train_step(done, total, jax.device_get(metrics),
                             epoch=done / program.steps_per_epoch, images_per_second=rate,
-                            eta_seconds=(total - done) * config.batch_size / rate,
-                            nonfinite_steps=reported)
+                            eta_seconds=(total - done) * config.batch_size / rate if rate
+                            else None, nonfinite_steps=reported)
           tick, tick_step = now, done
         if eval_now:
           last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
@@ -429,6 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if save_now:
           save_checkpoint(manager, state, config, program.steps_per_epoch,
                           last_eval if eval_now else None)
+        if eval_now:  # images/s counts training only: the clock restarts after the eval
+          tick, tick_step = time.perf_counter(), done
         if preempted:
           manager.wait()
           logging.warning('stopped at step %d; rerun the same command to resume', done)

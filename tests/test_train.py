@@ -1,6 +1,7 @@
 """Training: schedule and decay mask by hand, a real short run, resume after preemption, eval-only,
 8 vs 1 device."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -248,3 +249,42 @@ def test_train_and_evaluate_from_python_logs_its_progress(tmp_path, fashion_mnis
   assert [l.split(' epoch')[0].split('absl:')[-1] for l in lines if ' epoch ' in l] == [
       'step 4/8', 'step 8/8']
   assert any('eval step 8: top1 ' in l for l in lines)
+
+
+def test_logged_images_per_second_count_training_steps_only(tmp_path, monkeypatch,
+                                                            fashion_mnist_dir):
+  """On a fake clock where compiling takes 50 s, a train step 1 s and an evaluation 100 s,
+  every logged rate is batch_size images per second: neither the compile nor an eval counts."""
+  clock = [0.0]
+  monkeypatch.setattr(train, 'time', type('FakeTime', (), {
+      'perf_counter': staticmethod(lambda: clock[0])}))
+  real_prepare, real_evaluate = train.prepare_training, train.evaluate
+
+  def prepare(config, devices=None):
+    program, state = real_prepare(config, devices)
+    calls = []
+
+    def step(state, batch):
+      clock[0] += 1.0 if calls else 51.0
+      calls.append(1)
+      return program.train_step(state, batch)
+    return dataclasses.replace(program, train_step=step), state
+
+  def evaluate(*args, **kwargs):
+    clock[0] += 100.0
+    return real_evaluate(*args, **kwargs)
+
+  logged = {}
+  real_log = train.MetricWriter.train_step
+
+  def log(self, step, total, metrics, **kwargs):
+    logged[step] = kwargs['images_per_second']
+    return real_log(self, step, total, metrics, **kwargs)
+
+  monkeypatch.setattr(train, 'prepare_training', prepare)
+  monkeypatch.setattr(train, 'evaluate', evaluate)
+  monkeypatch.setattr(train.MetricWriter, 'train_step', log)
+  config = tiny_config(**{'data.data_dir': fashion_mnist_dir, 'log_every_steps': 2,
+                          'eval_every_steps': 4})
+  train.train_and_evaluate(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  assert logged == {2: 32.0, 4: 32.0, 6: 32.0, 8: 32.0}
