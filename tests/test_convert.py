@@ -261,6 +261,8 @@ def test_cli(tmp_path):
 
   first = run('--src', pth, '--config', 'configs/tiny.py', '--out', ckpt, *overrides)
   assert first.returncode == 0, first.stderr
+  # orbax's INFO chatter stays out of the command's output (its warnings would pass).
+  assert 'orbax' not in first.stderr
   params, metadata = checkpoints.load_params(ckpt)
   assert metadata['model']['depth'] == 2 and metadata['model']['halting'] is False
   direct = params_of(convert.from_torch(pth, c))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from avit_jax.checkpoints.layout import CheckpointError, PARAMS, absolute, is_checkpoint, join
-from avit_jax.checkpoints.reading import check_step
+from avit_jax.checkpoints.reading import check_step, silence_abandoned_reads
 
 
 def _directories_to_check(path: str) -> tuple[list[str], list[str]]:
@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'training workdir (every step is checked); local or a URL such as '
                       'gs://bucket/run')
   args = parser.parse_args(argv)
+  # Reading damaged steps abandons orbax reads whose late failures would print after the
+  # verdict ('Event loop is closed'); from the start, so no read goes unfiltered.
+  silence_abandoned_reads()
   try:
     directories, notes = _directories_to_check(args.dir)
   except CheckpointError as e:
