@@ -80,9 +80,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # Gloo is JAX's collective implementation for CPU devices; setting it starts no backend
   # and changes nothing on GPU or TPU.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Only a process known not to be process 0 waits: process 0 starts the coordinator itself.
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if address and process_id != 0 and (process_id is not None or
-                                      'JAX_PROCESS_ID' not in os.environ):
+  known_id = process_id if process_id is not None else os.environ.get('JAX_PROCESS_ID')
+  if address and known_id is not None and int(known_id) != 0:
     wait_for_coordinator(address, initialization_timeout)
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
