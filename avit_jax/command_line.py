@@ -1,11 +1,12 @@
-"""What the absl commands (main, convert) share: one line for a config file that is not
-there, and the INFO chatter of orbax, tfds and jax kept out of their output."""
+"""What the commands share: one line for a config file that is not there, and the
+start-up chatter of TensorFlow, orbax, tfds and jax kept out of their output."""
 
 from __future__ import annotations
 
 import logging as std_logging
 import os
 import sys
+import tempfile
 
 from absl import logging
 
@@ -38,8 +39,38 @@ class QuietLibraries(std_logging.Filter):
         part in record.pathname for part in self.NOISY)
 
 
+# Lines TensorFlow's C++ runtime writes straight to file descriptor 2 while it loads, before
+# any Python logging exists to filter them: facts about the build, not about the run.
+TENSORFLOW_START_UP = ('absl::InitializeLog()', 'oneDNN custom operations are on',
+                       'cpu_feature_guard', 'rebuild TensorFlow with the appropriate compiler')
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow with its C++ start-up lines dropped; anything else it writes to
+  stderr while loading is passed on."""
+  if 'tensorflow' in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    captured.seek(0)
+    for line in captured.read().decode(errors='replace').splitlines(keepends=True):
+      if not any(part in line for part in TENSORFLOW_START_UP):
+        sys.stderr.write(line)
+
+
 def quiet_libraries() -> None:
-  """Installs QuietLibraries on absl's handler (once)."""
+  """Keeps library start-up chatter out of a command's output unless --verbosity asks for
+  debug output: imports TensorFlow quietly and installs QuietLibraries on absl's handler."""
+  if logging.get_verbosity() > logging.INFO:
+    return
+  import_tensorflow_quietly()
   handler = logging.get_absl_handler()
   if not any(isinstance(f, QuietLibraries) for f in handler.filters):
     handler.addFilter(QuietLibraries())
