@@ -1,5 +1,6 @@
-"""What the commands share: one line for a config file that is not there, and the
-start-up chatter of TensorFlow, orbax, tfds and jax kept out of their output."""
+"""What the commands share: the one loader of a config (a config file or a run's saved
+config, then `--config.a.b=value` overrides), one line for a config file that is not there,
+and the start-up chatter of TensorFlow, orbax, tfds and jax kept out of their output."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import logging as std_logging
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 
-from absl import logging
+import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
+
+from avit_jax import config_lib
 
 
 def config_path(argv: list[str]) -> str | None:
@@ -27,6 +33,61 @@ def check_config_file(argv: list[str]) -> None:
   if path and not os.path.isfile(path):
     sys.exit(f'error: config file {path} not found (expected a file such as configs/tiny.py, '
              'relative to the current directory or absolute)')
+
+
+def load_config(source: str | ml_collections.ConfigDict, overrides: Sequence[str] = ()
+                ) -> ml_collections.ConfigDict:
+  """A config with `--config.a.b=value` overrides applied, parsed by ml_collections'
+  config_flags exactly as on the command line.
+
+  source: a config file (`configs/tiny.py`, with config_flags' optional `:argument`) whose
+  get_config() is used, or a config (e.g. the config.json a training run saved).
+  Raises FileNotFoundError for a missing file and ValueError for an unknown field, a value of
+  the wrong type or an argument that is not an override, each with one line saying why.
+  """
+  values = flags.FlagValues()  # this call's own flags: nothing global is defined or parsed
+  if isinstance(source, ml_collections.ConfigDict):
+    what = 'the saved config'
+    holder = config_flags.DEFINE_config_dict('config', source, flag_values=values,
+                                             lock_config=False)
+    argv = ['avit_jax', *overrides]
+  else:
+    what = source
+    if not os.path.isfile(source.partition(':')[0]):
+      raise FileNotFoundError(f'config file {source} not found (expected a file such as '
+                              'configs/tiny.py, relative to the current directory or absolute)')
+    argv = ['avit_jax', f'--config={source}', *overrides]
+    holder = config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
+                                             lock_config=False, sys_argv=argv)
+  try:
+    extra = values(argv)[1:]
+  except (KeyError, AttributeError, flags.Error) as e:  # how config_flags refuses a bad one
+    base = source if isinstance(source, ml_collections.ConfigDict) else (
+        values['config'].parser.parse(source))
+    raise ValueError(config_lib.unknown_override(base, argv, what) or str(e)) from None
+  if extra:
+    raise ValueError(f'unrecognised arguments {extra}: overrides are written '
+                     '--config.field.sub=value')
+  return holder.value
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(other arguments, `--config.a.b[=value]` overrides) of a command line; an override
+  written `--config.a.b value` takes the next argument as its value."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith(('--config.', '--noconfig.')):
+      rest.append(arg)
+    elif '=' in arg or arg.startswith('--noconfig.') or i + 1 == len(argv) or (
+        argv[i + 1].startswith('--')):
+      overrides.append(arg)  # a value after '=', or a boolean flag
+    else:
+      overrides.append(f'{arg}={argv[i + 1]}')
+      i += 1
+    i += 1
+  return rest, overrides
 
 
 class QuietLibraries(std_logging.Filter):

@@ -161,9 +161,14 @@ def unknown_override(config: ml_collections.ConfigDict, argv: Sequence[str],
   return None
 
 
-def invalid(field: str, value, allowed: str) -> ValueError:
+class ConfigError(ValueError):
+  """A config value that cannot work (raised before anything compiles); the message names
+  the field, the value and what is expected."""
+
+
+def invalid(field: str, value, allowed: str) -> ConfigError:
   """The error for an impossible config value: names the field, the value and what is allowed."""
-  return ValueError(f'config.{field}={value!r} is invalid: {allowed}')
+  return ConfigError(f'config.{field}={value!r} is invalid: {allowed}')
 
 
 _TYPE_NAMES = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string',

@@ -10,12 +10,11 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from avit_jax import command_line, config_lib
+from avit_jax import command_line
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file',
-                                          lock_config=True)
+_CONFIG = flags.DEFINE_string('config', None, 'config file, e.g. configs/tiny.py; any '
+                              '--config.a.b=value after it overrides a field')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs and eval.json')
 _MODE = flags.DEFINE_enum('mode', None, ['train', 'eval'], 'overrides config.mode')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -33,33 +32,24 @@ flags.mark_flags_as_required(['config', 'workdir'])
 EXIT_PREEMPTED = 143
 
 
-def _check_override_names(argv: list[str]) -> None:
-  """Exits naming an unknown --config.field and the nearest valid ones."""
-  path = command_line.config_path(argv)
-  if not path or not os.path.exists(path):
-    return
-  config = flags.FLAGS['config'].parser.parse(path)  # config_flags' own loader
-  message = config_lib.unknown_override(config, argv, path)
-  if message:
-    sys.exit(f'error: {message}')
+_OVERRIDES: list[str] = []  # the --config.a.b=value arguments, set by _parse_flags
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing (its one-line errors and exit status 1), with one line for a missing
-  config file and a better message for an unknown --config.field, which config_flags
-  refuses with a KeyError / AttributeError."""
-  command_line.check_config_file(argv)
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (KeyError, AttributeError):
-    _check_override_names(argv)
-    raise
+  """absl's parsing (its one-line errors and exit status 1) of everything but the config
+  overrides, which command_line.load_config applies."""
+  rest, _OVERRIDES[:] = command_line.split_overrides(argv)
+  return app.parse_flags_with_usage(rest)
 
 
 def main(argv) -> None:
-  command_line.quiet_libraries()
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    config = command_line.load_config(_CONFIG.value, _OVERRIDES)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+  command_line.quiet_libraries()
   from avit_jax import distributed
   try:  # before anything starts a JAX backend
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -69,16 +59,11 @@ def main(argv) -> None:
     sys.exit(f'error: {e}')
   import jax
 
-  from avit_jax import checkpoints, train, validation, workdir
+  from avit_jax import checkpoints, config_lib
+  from avit_jax.training import train, workdir
 
-  config = _CONFIG.value
   if _MODE.value:
-    with config.unlocked():
-      config.mode = _MODE.value
-  try:  # Config mistakes: one line naming field, value and fix, before anything compiles.
-    validation.validate_config(config)
-  except (ValueError, TypeError) as e:
-    sys.exit(f'error: {e}')
+    config.mode = _MODE.value
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s)', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
@@ -87,14 +72,15 @@ def main(argv) -> None:
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(EXIT_PREEMPTED)
-  except (workdir.WorkdirError, checkpoints.CheckpointError, train.NonFiniteLossError,
-          FileNotFoundError) as e:
-    # The user's to fix (see the message; conversion errors are CheckpointErrors, missing
-    # data FileNotFoundErrors); a traceback would only hide it. Printed once, on stderr.
+  except (config_lib.ConfigError, workdir.WorkdirError, checkpoints.CheckpointError,
+          train.NonFiniteLossError, FileNotFoundError) as e:
+    # The user's to fix (see the message; config mistakes are found before anything
+    # compiles, conversion errors are CheckpointErrors, missing data FileNotFoundErrors); a
+    # traceback would only hide it. Printed once, on stderr.
     sys.exit(f'error: {e}')
   if config.mode == 'train' and config.write_depth_maps and config.model.halting:
-    from avit_jax import visualize
-    visualize.write_training_figures(config, _WORKDIR.value)
+    from avit_jax.analysis import figures
+    figures.write_training_figures(config, _WORKDIR.value)
 
 
 def run() -> None:

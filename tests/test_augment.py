@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from avit_jax import augment, losses
-from avit_jax import randaugment as ra
+from avit_jax.data import augment
+from avit_jax.training import losses
+from avit_jax.data import randaugment as ra
 
 FILL = (124, 116, 104)  # timm's img_mean for the ImageNet mean
 

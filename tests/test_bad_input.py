@@ -18,9 +18,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from avit_jax import (checkpoints, data_sources, inference, input_pipeline, main,
-                      models, train, validation)
-from avit_jax.workdir import Workdir, WorkdirError
+from avit_jax import checkpoints, command_line, inference, main, models
+from avit_jax.data import sources, pipeline
+from avit_jax.training import train, validation
+from avit_jax.training.workdir import Workdir, WorkdirError
 from configs import fashion_mnist
 from tests.test_input_pipeline import _config as data_config
 from tests.test_input_pipeline import _pixels
@@ -44,14 +45,14 @@ def _cli(tmp_path, *flags):
 
 
 def test_typo_names_the_nearest_fields():
-  with pytest.raises(SystemExit) as e:
-    main._check_override_names(['main', '--config', CONFIG_FILE, '--config.optimizer.lrr=1e-3'])
+  with pytest.raises(ValueError) as e:
+    command_line.load_config(CONFIG_FILE, ['--config.optimizer.lrr=1e-3'])
   assert str(e.value) == (
-      "error: unknown config field 'optimizer.lrr'; did you mean optimizer.lr, optimizer.min_lr, "
+      "unknown config field 'optimizer.lrr'; did you mean optimizer.lr, optimizer.min_lr, "
       f'optimizer.b2? (valid fields are listed in {CONFIG_FILE}; see avit_jax/config_lib.py)')
-  with pytest.raises(SystemExit, match=r"'modle.dim'; did you mean model.dim, mode, model.heads"):
-    main._check_override_names(['main', f'--config={CONFIG_FILE}', '--config.modle.dim=3'])
-  main._check_override_names(['main', '--config', CONFIG_FILE, '--config.model.dim=3'])  # valid
+  with pytest.raises(ValueError, match=r"'modle.dim'; did you mean model.dim, mode, model.heads"):
+    command_line.load_config(CONFIG_FILE, ['--config.modle.dim=3'])
+  assert command_line.load_config(CONFIG_FILE, ['--config.model.dim', '3']).model.dim == 3
 
 
 @pytest.mark.parametrize('flag, message', [
@@ -206,12 +207,12 @@ def test_missing_fashion_mnist_is_a_config_error(tmp_path, monkeypatch):
   # FileNotFoundError for those that catch missing files.
   def refuse(address, timeout=None):
     raise ConnectionRefusedError(111, 'Connection refused')
-  real_builder = data_sources.tfds.builder
-  monkeypatch.setattr(data_sources.tfds, 'builder',
+  real_builder = sources.tfds.builder
+  monkeypatch.setattr(sources.tfds, 'builder',
                       lambda name, **kwargs: real_builder(name, data_dir=str(tmp_path / 'tfds')))
-  monkeypatch.setattr(data_sources.socket, 'create_connection', refuse)
+  monkeypatch.setattr(sources.socket, 'create_connection', refuse)
   config = tiny_config(**{'data.data_dir': str(tmp_path / 'none')})
-  with pytest.raises(data_sources.DataNotFoundError) as e:
+  with pytest.raises(sources.DataNotFoundError) as e:
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert isinstance(e.value, ValueError) and isinstance(e.value, FileNotFoundError)
   assert str(e.value).startswith('Fashion-MNIST not found. Tried the IDX files ')
@@ -225,7 +226,7 @@ def test_a_failure_mid_run_saves_the_last_step(tmp_path, monkeypatch):
 
   def failing_evaluate(*args, **kwargs):
     raise RuntimeError('eval failed')
-  monkeypatch.setattr(train, 'evaluate', failing_evaluate)
+  monkeypatch.setattr(train, 'evaluate_split', failing_evaluate)
   workdir = tmp_path / 'wd'
   with pytest.raises(RuntimeError, match='^eval failed$'):
     train.train_and_evaluate(config, str(workdir))
@@ -233,10 +234,10 @@ def test_a_failure_mid_run_saves_the_last_step(tmp_path, monkeypatch):
   check = checkpoints.check_step(str(workdir / 'checkpoints' / '6'))
   assert check.ok, check.problems
   # The rerun resumes at step 6 and finishes.
-  monkeypatch.setattr(train, 'evaluate', real_evaluate)
+  monkeypatch.setattr(train, 'evaluate_split', real_evaluate)
   resumed = []
-  real_iterator = train.input_pipeline.train_iterator
-  monkeypatch.setattr(train.input_pipeline, 'train_iterator',
+  real_iterator = train.pipeline.train_iterator
+  monkeypatch.setattr(train.pipeline, 'train_iterator',
                       lambda c, start_step: resumed.append(start_step) or real_iterator(
                           c, start_step=start_step))
   assert train.train_and_evaluate(config, str(workdir))['step'] == 8
@@ -280,7 +281,7 @@ def test_workdir_of_a_different_config_is_refused(tmp_path):
 def test_two_runs_in_one_workdir_are_refused(tmp_path):
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import sys, time\n'
-       'from avit_jax.workdir import Workdir\nfrom configs import fashion_mnist\n'
+       'from avit_jax.training.workdir import Workdir\nfrom configs import fashion_mnist\n'
        'w = Workdir(sys.argv[1], fashion_mnist.get_config())\nprint("locked", flush=True)\n'
        'time.sleep(600)', str(tmp_path)],
       cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -354,7 +355,7 @@ def _png_bytes(pil: Image.Image) -> bytes:
 
 def test_other_pixel_formats_decode_to_the_same_gray_pixels(tmp_path, fashion_mnist_dir):
   """RGBA, palette, 16-bit and animated images are converted to the stored RGB pixels."""
-  table = data_sources.fashion_mnist(fashion_mnist_dir, 'test')
+  table = sources.fashion_mnist(fashion_mnist_dir, 'test')
   images = table.images[:4]
   encoders = {
       'rgba.png': lambda a: _png_bytes(Image.fromarray(np.dstack([a, a, a, np.full_like(a, 9)]))),
@@ -372,7 +373,7 @@ def test_other_pixel_formats_decode_to_the_same_gray_pixels(tmp_path, fashion_mn
   frames[0].save(tmp_path / 'val' / 'c' / '3anim.gif', save_all=True, append_images=frames[1:])
   config = data_config(tmp_path, source='folder')
   config.model.num_classes = 1
-  batch = next(input_pipeline.eval_iterator(config))
+  batch = next(pipeline.eval_iterator(config))
   assert batch['mask'].tolist() == [1] * 4 + [0] * 4
   pixels = _pixels(batch['images'][:4])
   np.testing.assert_array_equal(pixels[:3], images[:3])
@@ -383,14 +384,14 @@ def test_split_without_class_folders_and_unknown_eval_class(tmp_path):
   os.makedirs(tmp_path / 'train' / 'a')
   Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / 'train' / 'a' / '0.png')
   os.makedirs(tmp_path / 'val')
-  data_sources.folder.cache_clear()
+  sources.folder.cache_clear()
   with pytest.raises(ValueError) as e:
-    input_pipeline.num_examples(data_config(tmp_path, source='folder'), 'validation')
+    pipeline.num_examples(data_config(tmp_path, source='folder'), 'validation')
   assert str(e.value) == f'Split directory {tmp_path}/val has no class folders with images'
   os.makedirs(tmp_path / 'val' / 'b')  # a class the train split does not have
-  data_sources.folder.cache_clear()
+  sources.folder.cache_clear()
   with pytest.raises(ValueError) as e:
-    input_pipeline.num_examples(data_config(tmp_path, source='folder'), 'validation')
+    pipeline.num_examples(data_config(tmp_path, source='folder'), 'validation')
   assert str(e.value) == (f'Class folder {tmp_path}/val/b has no counterpart in the train split '
                           '(1 classes); class indices would disagree.')
 
@@ -405,17 +406,17 @@ def test_fashion_mnist_truncated_file_wrong_split_and_labels(tmp_path, fashion_m
     with gzip.open(tmp_path / f't10k-{kind}-idx{n}-ubyte.gz', 'wb') as f:
       f.write(data)
   with pytest.raises(ValueError) as e:
-    data_sources.fashion_mnist(str(tmp_path), 'test')
+    sources.fashion_mnist(str(tmp_path), 'test')
   assert str(e.value) == (f'{tmp_path}/t10k-images-idx3-ubyte.gz is truncated: header says '
                           '[10000, 28, 28], found 3919 values')
   with pytest.raises(ValueError) as e:
-    data_sources.fashion_mnist(fashion_mnist_dir, 'validation')
+    sources.fashion_mnist(fashion_mnist_dir, 'validation')
   assert str(e.value) == ("Fashion-MNIST has splits ['test', 'train'], got 'validation' "
                           '(config.data.train_split / eval_split)')
   config = data_config()
   config.model.num_classes = 5  # labels go up to 9: never silently wrong
   with pytest.raises(ValueError) as e:
-    next(input_pipeline.eval_iterator(config))
+    next(pipeline.eval_iterator(config))
   assert str(e.value) == 'fashion_mnist/test has labels up to 9 but config.model.num_classes=5'
 
 

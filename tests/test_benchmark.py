@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from avit_jax import benchmark, flops, inference
+from avit_jax import benchmark, inference
+from avit_jax.models import flops
 from avit_jax.benchmark import cli, measure, phases, profiles
 from tests.test_inference import small_config, varied_model
 

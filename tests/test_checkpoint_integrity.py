@@ -28,7 +28,8 @@ import pytest
 from etils.epath import gpath, testing as epath_testing
 from flax import nnx
 
-from avit_jax import checkpoints, sharding, train
+from avit_jax import checkpoints
+from avit_jax.training import sharding, train
 from tests.test_reliability import FLAGS, REPO
 from tests.test_train import tiny_config
 
@@ -732,7 +733,8 @@ TWO_PROCESSES = textwrap.dedent('''
     distributed.initialize(f'127.0.0.1:{port}', 2, int(process_id))
     import jax
     import numpy as np
-    from avit_jax import checkpoints, sharding
+    from avit_jax import checkpoints
+    from avit_jax.training import sharding
     from tests.test_checkpoint_integrity import (abstract_tree, flip_in_shard, fsdp_mesh,
                                                  split_trees)
 

@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from avit_jax import config_lib, validation
+from avit_jax import config_lib
+from avit_jax.training import validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))

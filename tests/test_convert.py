@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from avit_jax import checkpoints, config_lib, convert, models
-from avit_jax.torch_io import ConvertError
+from avit_jax.convert.torch_io import ConvertError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)

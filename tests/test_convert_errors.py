@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from avit_jax import convert
-from avit_jax.torch_io import ConvertError
+from avit_jax.convert.torch_io import ConvertError
 from configs import fashion_mnist
 from tests.test_convert import model_config, random_timm, timm_to_hf, save_pth, params_of
 

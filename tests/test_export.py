@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from avit_jax import inference, losses, optim, train
+from avit_jax import inference
+from avit_jax.training import losses, optim, train
 from configs import fashion_mnist
 from tests.test_inference import images, varied_model
 

@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from avit_jax import config_lib, flops
+from avit_jax import config_lib
+from avit_jax.models import flops
 
 
 def test_dense_deit_matches_published_gflops():

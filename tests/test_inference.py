@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from avit_jax import config_lib, flops, inference, models
+from avit_jax import config_lib, inference, models
+from avit_jax.models import flops
 from avit_jax.inference import compact as compact_lib
 
 DEPTH = 4

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from avit_jax import data_sources, input_pipeline
+from avit_jax.data import sources, pipeline
 from configs import fashion_mnist
 
 MEAN, STD = 0.2860, 0.3530
@@ -23,7 +23,7 @@ CLASS_DIRS = {0: 'zeta_tshirt', 1: 'alpha_trouser', 2: 'mid_pullover'}
 FOLDER_LABEL = {1: 0, 2: 1, 0: 2}  # Fashion-MNIST id -> index of its folder in sorted order
 
 
-def _read_idx(path, offset):  # independent of input_pipeline._read_idx
+def _read_idx(path, offset):  # independent of pipeline._read_idx
   with gzip.open(path, 'rb') as f:
     return np.frombuffer(f.read(), np.uint8, offset=offset)
 
@@ -98,7 +98,7 @@ def test_fashion_mnist_eval_is_the_idx_data(raw_test):
   config = _config()
   config.num_eval_images = 300
   config.eval_batch_size = 128
-  batches = list(input_pipeline.eval_iterator(config))
+  batches = list(pipeline.eval_iterator(config))
   assert len(batches) == 3
   b = batches[0]
   assert b['images'].shape == (128, 28, 28, 3) and b['images'].dtype == np.float32
@@ -112,8 +112,8 @@ def test_fashion_mnist_eval_is_the_idx_data(raw_test):
   got = np.concatenate([_pixels(b['images']) for b in batches])[real]
   np.testing.assert_array_equal(got, images[:300])
   np.testing.assert_array_equal(np.concatenate([b['labels'] for b in batches])[real], labels[:300])
-  assert input_pipeline.num_examples(config, 'train') == 60_000
-  assert input_pipeline.num_examples(config, 'test') == 10_000
+  assert pipeline.num_examples(config, 'train') == 60_000
+  assert pipeline.num_examples(config, 'test') == 10_000
 
 
 def test_fashion_mnist_train_labels_match_images(fashion_mnist_dir):
@@ -124,7 +124,7 @@ def test_fashion_mnist_train_labels_match_images(fashion_mnist_dir):
     label_sets.setdefault(image.tobytes(), set()).add(int(label))
   config = _config()
   config.batch_size = 64
-  iterator = input_pipeline.train_iterator(config)
+  iterator = pipeline.train_iterator(config)
   for _ in range(2):
     b = next(iterator)
     assert b['images'].shape == (64, 28, 28, 3) and b['labels'].dtype == np.int32
@@ -135,7 +135,7 @@ def test_fashion_mnist_train_labels_match_images(fashion_mnist_dir):
 def test_light_recipe_shapes_and_range():
   config = _config(plain=False)  # pad 2 + random crop, flip
   config.batch_size = 32
-  b = next(input_pipeline.train_iterator(config))
+  b = next(pipeline.train_iterator(config))
   assert b['images'].shape == (32, 28, 28, 3) and b['images'].dtype == np.float32
   assert b['images'].min() >= -MEAN / STD - 1e-6 and b['images'].max() <= (1 - MEAN) / STD + 1e-6
   _pixels(b['images'])  # still 3 equal channels
@@ -146,25 +146,25 @@ def test_folder_eval_labels_and_decoding(folder, raw_test):
   root, stored = folder
   images, labels = raw_test
   config = _config(root, source='folder')
-  assert input_pipeline.num_examples(config, 'train') == 24
-  assert input_pipeline.num_examples(config, 'validation') == 6  # 'validation' -> ROOT/val
-  batches = list(input_pipeline.eval_iterator(config))
+  assert pipeline.num_examples(config, 'train') == 24
+  assert pipeline.num_examples(config, 'validation') == 6  # 'validation' -> ROOT/val
+  batches = list(pipeline.eval_iterator(config))
   assert [b['mask'].sum() for b in batches] == [6.0]
   pixels = _pixels(batches[0]['images'])[:6]
   np.testing.assert_array_equal(pixels, images[stored['val']])  # PNG: exact
   want = [FOLDER_LABEL[int(labels[i])] for i in stored['val']]
   np.testing.assert_array_equal(batches[0]['labels'][:6], want)
   # Eval is deterministic, and the same with the encoded files cached in memory.
-  again = next(input_pipeline.eval_iterator(config))
+  again = next(pipeline.eval_iterator(config))
   np.testing.assert_array_equal(again['images'], batches[0]['images'])
   config.data.cache = True
-  cached = next(input_pipeline.eval_iterator(config))
+  cached = next(pipeline.eval_iterator(config))
   np.testing.assert_array_equal(cached['images'], batches[0]['images'])
 
 
 def _train_indices(config, stored, raw, steps, **kwargs):
   """Raw indices and labels of the images in `steps` train batches (plain config)."""
-  iterator = input_pipeline.train_iterator(config, **kwargs)
+  iterator = pipeline.train_iterator(config, **kwargs)
   found, labels = [], []
   for _ in range(steps):
     b = next(iterator)
@@ -198,10 +198,10 @@ def test_resume_gives_the_same_batches_deit_recipe(folder):
   config.aug.random_resized_crop = True
   config.aug.randaug = 'rand-m9-mstd0.5-inc1'
   config.aug.erase_p = 0.25
-  iterator = input_pipeline.train_iterator(config)  # 24 images, batch 6: 4 steps per epoch
+  iterator = pipeline.train_iterator(config)  # 24 images, batch 6: 4 steps per epoch
   run = [next(iterator) for _ in range(7)]
   assert run[0]['images'].shape == (6, 32, 32, 3)
-  resumed = input_pipeline.train_iterator(config, start_step=5)  # past the first epoch
+  resumed = pipeline.train_iterator(config, start_step=5)  # past the first epoch
   for step in range(5, 7):
     b = next(resumed)
     np.testing.assert_array_equal(b['images'], run[step]['images'])
@@ -211,11 +211,11 @@ def test_resume_gives_the_same_batches_deit_recipe(folder):
 def test_resume_mid_epoch_and_seed(folder):
   root, _ = folder
   config = _config(root, source='folder', plain=False)
-  run = [b for _, b in zip(range(3), input_pipeline.train_iterator(config))]
-  resumed = next(input_pipeline.train_iterator(config, start_step=2))
+  run = [b for _, b in zip(range(3), pipeline.train_iterator(config))]
+  resumed = next(pipeline.train_iterator(config, start_step=2))
   np.testing.assert_array_equal(resumed['images'], run[2]['images'])
   config.seed = 1
-  other = next(input_pipeline.train_iterator(config))
+  other = next(pipeline.train_iterator(config))
   assert not np.array_equal(other['images'], run[0]['images'])
 
 
@@ -226,7 +226,7 @@ def test_fashion_mnist_eval_shards_pad_to_equal_batches(raw_test):
   config.eval_batch_size = 20  # 10 per process; 51 and 50 examples -> 6 batches each
   real = []
   for host in range(2):
-    batches = list(input_pipeline.eval_iterator(config, process_index=host, process_count=2))
+    batches = list(pipeline.eval_iterator(config, process_index=host, process_count=2))
     assert len(batches) == 6 and batches[0]['images'].shape == (10, 28, 28, 3)
     mask = np.concatenate([b['mask'] for b in batches]) > 0
     assert mask.sum() == 51 - host
@@ -253,7 +253,7 @@ def test_corrupt_images_are_skipped_and_named(tmp_path, raw_test, caplog):
   config = _config(tmp_path, source='folder')
   config.batch_size = 4  # 8 files: 2 steps per epoch
   caplog.set_level(logging.WARNING)
-  iterator = input_pipeline.train_iterator(config)
+  iterator = pipeline.train_iterator(config)
   batches = [next(iterator) for _ in range(4)]  # two epochs, each meets both bad files
   assert all(b['images'].shape == (4, 28, 28, 3) for b in batches)
   messages = ' '.join(r.getMessage() for r in caplog.records)
@@ -262,7 +262,7 @@ def test_corrupt_images_are_skipped_and_named(tmp_path, raw_test, caplog):
   for b in batches:  # every slot holds a readable image with its own label
     np.testing.assert_array_equal(_identify(_pixels(b['images']), images[:3]) >= 0, True)
   caplog.clear()
-  batches = list(input_pipeline.eval_iterator(config))
+  batches = list(pipeline.eval_iterator(config))
   assert sum(b['mask'].sum() for b in batches) == 6
   assert 'broken.JPEG' in ' '.join(r.getMessage() for r in caplog.records)
 
@@ -270,16 +270,16 @@ def test_corrupt_images_are_skipped_and_named(tmp_path, raw_test, caplog):
 def test_missing_data_errors(tmp_path, monkeypatch):
   # No IDX files, no prepared tfds copy, no network: the error comes at once, without a
   # download attempt (tfds alone would retry for minutes).
-  real_builder = data_sources.tfds.builder
-  monkeypatch.setattr(data_sources.tfds, 'builder',
+  real_builder = sources.tfds.builder
+  monkeypatch.setattr(sources.tfds, 'builder',
                       lambda name, **kwargs: real_builder(name, data_dir=str(tmp_path / 'tfds')))
 
   def refuse(address, timeout=None):
     raise ConnectionRefusedError(111, 'Connection refused')
-  monkeypatch.setattr(data_sources.socket, 'create_connection', refuse)
+  monkeypatch.setattr(sources.socket, 'create_connection', refuse)
   start = time.monotonic()
   with pytest.raises(FileNotFoundError) as error:
-    input_pipeline.num_examples(_config(tmp_path / 'fm'), 'train')
+    pipeline.num_examples(_config(tmp_path / 'fm'), 'train')
   assert time.monotonic() - start < 10
   idx = [str(tmp_path / 'fm' / f'train-{k}-idx{n}-ubyte{s}') for s in ('.gz', '')
          for k, n in (('images', 3), ('labels', 1))]
@@ -293,24 +293,24 @@ def test_missing_data_errors(tmp_path, monkeypatch):
       '--config.data.data_dir to it.')
 
   with pytest.raises(FileNotFoundError, match='ROOT/train'):
-    input_pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
+    pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
   os.makedirs(tmp_path / 'train' / 'empty_class')
   with pytest.raises(ValueError, match='empty_class holds no images'):
-    input_pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
+    pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
   config = _config()
   config.data.source = 'mnist'
   with pytest.raises(ValueError) as error:
-    input_pipeline.train_iterator(config)
+    pipeline.train_iterator(config)
   assert str(error.value) == ("config.data.source='mnist' is invalid: expected one of "
                               "('imagenet2012', 'folder', 'fashion_mnist')")
   with pytest.raises(ValueError, match='multiple of the number of processes'):
-    input_pipeline.train_iterator(_config(), process_index=0, process_count=4)
+    pipeline.train_iterator(_config(), process_index=0, process_count=4)
 
 
 def test_benchmark_reports_rates():
   config = _config(plain=False)
   config.eval_batch_size = 100
-  rates = input_pipeline.benchmark(config, num_batches=3)
+  rates = pipeline.benchmark(config, num_batches=3)
   assert set(rates) == {'train', 'eval'} and all(r > 0 for r in rates.values())
 
 
@@ -344,31 +344,31 @@ def test_imagenet2012_through_tfds(tmp_path):
   _fake_imagenet_archives(tmp_path / 'manual')
   config = _config(tmp_path / 'data', source='imagenet2012')
   with pytest.raises(FileNotFoundError, match='is not prepared'):
-    input_pipeline.train_iterator(config)
+    pipeline.train_iterator(config)
   with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
-    data_sources.prepare_imagenet(config, str(tmp_path))
-  data_sources.prepare_imagenet(config, str(tmp_path / 'manual'))  # as `--prepare_imagenet`
+    sources.prepare_imagenet(config, str(tmp_path))
+  sources.prepare_imagenet(config, str(tmp_path / 'manual'))  # as `--prepare_imagenet`
   config.model.num_classes = 1000
   config.data.eval_split = 'validation'
   config.data.mean, config.data.std = (0.5,) * 3, (0.5,) * 3
   config.batch_size = 4
-  assert input_pipeline.num_examples(config, 'train') == 12
+  assert pipeline.num_examples(config, 'train') == 12
   for cache in (False, True):
     config.data.cache = cache
     seen = []
     for host in range(2):  # 6 examples per process, batch 2: 3 steps per epoch
-      iterator = input_pipeline.train_iterator(config, process_index=host, process_count=2)
+      iterator = pipeline.train_iterator(config, process_index=host, process_count=2)
       run = [next(iterator) for _ in range(4)]
       for b in run:  # flat images: value 50 is class 0, value 150 class 1
         assert b['images'].shape == (2, 28, 28, 3)
         value = np.round((b['images'].mean(axis=(1, 2, 3)) * 0.5 + 0.5) * 255)
         np.testing.assert_allclose(value, np.where(b['labels'] == 0, 50, 150), atol=2)
       seen.append(np.concatenate([b['labels'] for b in run[:3]]))
-      resumed = next(input_pipeline.train_iterator(config, start_step=3, process_index=host,
+      resumed = next(pipeline.train_iterator(config, start_step=3, process_index=host,
                                                    process_count=2))
       np.testing.assert_array_equal(resumed['images'], run[3]['images'])
     assert sorted(np.concatenate(seen).tolist()) == [0] * 6 + [1] * 6
-    batches = list(input_pipeline.eval_iterator(config))
+    batches = list(pipeline.eval_iterator(config))
     assert sum(b['mask'].sum() for b in batches) == 5
 
 

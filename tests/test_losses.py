@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from avit_jax import config_lib, losses, models
+from avit_jax import config_lib, models
+from avit_jax.training import losses
 
 
 def test_prior_target_matches_hand_computed_gaussian():

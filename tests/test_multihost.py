@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from avit_jax import config_lib, visualize
+from avit_jax import config_lib, models
 from tests.helpers import REPO, CommandRun
 
 DEADLINE_S = 300  # for one launch of the command, compile and all
@@ -158,8 +158,8 @@ def test_two_processes_train_evaluate_and_write_figures_as_one(single, tmp_path,
   # The loader of visualize, tradeoff and the benchmark reads it: the parameters trained on
   # two processes are those trained on one, to the rounding of sums taken in another order
   # (which Adam's normalisation enlarges for parameters whose gradients are near zero).
-  pod_params = _params(visualize.load_model(str(workdir))[0])
-  single_params = _params(visualize.load_model(str(single))[0])
+  pod_params = _params(models.load(str(workdir))[0])
+  single_params = _params(models.load(str(single))[0])
   assert pod_params.keys() == single_params.keys()
   for name, value in single_params.items():
     np.testing.assert_allclose(pod_params[name], value, rtol=1e-3,

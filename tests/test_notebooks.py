@@ -47,7 +47,7 @@ def test_notebook_is_clean_and_says_runtime_and_duration(name):
   source = '\n'.join(c.source for c in code)
   modules = {m for m in ('main', 'visualize', 'convert', 'benchmark')
              if f"'avit_jax.{m}'" in source}
-  assert modules and 'import avit_jax.train' not in source
+  assert modules and 'import avit_jax.training.train' not in source
 
 
 def _kernel(tmp_path, monkeypatch):

@@ -4,7 +4,10 @@ after a short run the background patches of Fashion-MNIST halt before the garmen
 import numpy as np
 import pytest
 
-from avit_jax import plots, train, visualize
+from avit_jax import models
+from avit_jax.analysis import plots
+from avit_jax.data import pipeline
+from avit_jax.training import train
 from configs import fashion_mnist
 
 
@@ -27,8 +30,8 @@ def short_run_config(data_dir: str, steps: int, **model):
 def content_depths_after_run(workdir: str, config) -> dict:
   """plots.content_depths of the trained model on the first 256 eval images."""
   train.train_and_evaluate(config, workdir)
-  model, _ = visualize.load_model(workdir)
-  images, _ = visualize.eval_split_images(config, 256)
+  model, _ = models.load(workdir)
+  images, _ = pipeline.eval_images(config, 256)
   display = images * np.asarray(config.data.std) + np.asarray(config.data.mean)
   return plots.content_depths(display, np.asarray(model(images).token_depth))
 

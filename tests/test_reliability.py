@@ -19,7 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from avit_jax import checkpoints, config_lib, input_pipeline, train
+from avit_jax import checkpoints, config_lib
+from avit_jax.data import pipeline
+from avit_jax.training import train
 from tests.helpers import REPO, CommandRun
 from tests.test_train import sigterm_at, tiny_config
 
@@ -205,14 +207,14 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, env, r
 
 def _nan_at(monkeypatch, bad_step: int) -> None:
   """Makes the training data hold NaN images at global step `bad_step` (0-based)."""
-  real = input_pipeline.train_iterator
+  real = pipeline.train_iterator
 
   def poisoned(config, *, start_step=0, **kwargs):
     for step, batch in enumerate(real(config, start_step=start_step, **kwargs), start_step):
       if step == bad_step:
         batch = dict(batch, images=np.full_like(batch['images'], np.nan))
       yield batch
-  monkeypatch.setattr(input_pipeline, 'train_iterator', poisoned)
+  monkeypatch.setattr(pipeline, 'train_iterator', poisoned)
 
 
 def _nan_config(fashion_mnist_dir, **overrides):

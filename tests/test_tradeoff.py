@@ -7,7 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avit_jax import inference, train, tradeoff
+from avit_jax import inference, models
+from avit_jax import tradeoff as tradeoff_command
+from avit_jax.data import pipeline
+from avit_jax.analysis import tradeoff
+from avit_jax.training import train
 from tests.test_train import tiny_config
 
 
@@ -22,7 +26,7 @@ def run(tmp_path_factory, fashion_mnist_dir):
 
 def test_shifts_reproduce_then_move_the_halting(run, tmp_path):
   workdir, config, trained = run
-  result = tradeoff.main(['--checkpoint', workdir, '--out', str(tmp_path),
+  result = tradeoff_command.main(['--checkpoint', workdir, '--out', str(tmp_path),
                           '--shifts=-1000,-1,0,1,10000', '--timing-batch', '16', '--reps', '1'])
   rows = result['rows']
   zero = rows[2]
@@ -45,8 +49,10 @@ def test_shifts_reproduce_then_move_the_halting(run, tmp_path):
 def test_late_shift_gives_plain_deit_logits(run):
   """No score crosses before the last layer: the output is plain DeiT on the same weights."""
   workdir, config, _ = run
-  model = tradeoff.load_model(workdir, tradeoff.shifted(config.model, 1e4))
-  images = jnp.asarray(tradeoff._first_images(config, 8))  # pylint: disable=protected-access
+  late_config = config.model.copy_and_resolve_references()
+  late_config.gate_center += 1e4
+  model, _ = models.load(workdir, late_config)
+  images = jnp.asarray(pipeline.eval_images(config, 8)[0])
   late = inference.make_predict_fn(model, 'masked')(images)
   dense = inference.make_predict_fn(model, 'dense')(images)
   np.testing.assert_allclose(late.logits, dense.logits, atol=1e-5)
@@ -70,12 +76,12 @@ def test_a_bad_baseline_is_refused_before_any_work(run, tmp_path):
   out = tmp_path / 'out'
   missing = str(tmp_path / 'no_such_run')
   with pytest.raises(FileNotFoundError) as e:
-    tradeoff.main(['--checkpoint', workdir, '--baseline', missing, '--out', str(out)])
+    tradeoff_command.main(['--checkpoint', workdir, '--baseline', missing, '--out', str(out)])
   assert str(e.value) == (
       f'--baseline: {missing}/config.json not found: expected a training workdir (it holds the '
       'config.json its run wrote); train one with `python -m avit_jax.main --config CONFIG '
       '--workdir DIR --config.model.halting=False`')
   with pytest.raises(ValueError) as e:  # an A-ViT run is no "DeiT (no halting)" baseline
-    tradeoff.main(['--checkpoint', workdir, '--baseline', workdir, '--out', str(out)])
+    tradeoff_command.main(['--checkpoint', workdir, '--baseline', workdir, '--out', str(out)])
   assert str(e.value).startswith(f'--baseline {workdir} is an A-ViT run (model.halting=True)')
   assert not out.exists()  # refused before the sweep wrote anything

@@ -17,8 +17,10 @@ import optax
 import pytest
 from flax import nnx
 
-from avit_jax import (checkpoints, config_lib, finetune, input_pipeline, models, optim, sharding,
-                      train)
+from avit_jax import checkpoints, config_lib, models
+from avit_jax.checkpoints import finetune
+from avit_jax.data import pipeline
+from avit_jax.training import optim, sharding, train
 from configs import fashion_mnist
 
 
@@ -87,14 +89,14 @@ def _params(state):
 def sigterm_at(monkeypatch, step: int) -> None:
   """The training data sends this process SIGTERM while it fetches the batch of `step`
   (0-based): the run then stops as a preempted one does, right after that step."""
-  real = input_pipeline.train_iterator
+  real = pipeline.train_iterator
 
   def iterator(config, *, start_step=0, **kwargs):
     for s, batch in enumerate(real(config, start_step=start_step, **kwargs), start_step):
       if s == step:
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
-  monkeypatch.setattr(input_pipeline, 'train_iterator', iterator)
+  monkeypatch.setattr(pipeline, 'train_iterator', iterator)
 
 
 @pytest.fixture(scope='module')
@@ -103,7 +105,7 @@ def trained(tmp_path_factory, fashion_mnist_dir):
   workdir = str(tmp_path_factory.mktemp('full'))
   config = tiny_config(**{'data.data_dir': fashion_mnist_dir})
   program, untrained = train.prepare_training(config)
-  initial = train.evaluate(program.eval_step, untrained.params, config, program.mesh)
+  initial = train.evaluate_split(program.eval_step, untrained.params, config, program.mesh)
   metrics = train.train_and_evaluate(config, workdir)
   metrics['initial_eval_loss'] = initial['eval_loss']
   return config, workdir, metrics
@@ -282,7 +284,7 @@ def test_logged_images_per_second_count_training_steps_only(tmp_path, monkeypatc
     return real_log(self, step, total, metrics, **kwargs)
 
   monkeypatch.setattr(train, 'prepare_training', prepare)
-  monkeypatch.setattr(train, 'evaluate', evaluate)
+  monkeypatch.setattr(train, 'evaluate_split', evaluate)
   monkeypatch.setattr(train.MetricWriter, 'train_step', log)
   config = tiny_config(**{'data.data_dir': fashion_mnist_dir, 'log_every_steps': 2,
                           'eval_every_steps': 4})

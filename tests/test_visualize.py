@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avit_jax import checkpoints, losses, models, plots, visualize
+from avit_jax import checkpoints, command_line, models, visualize
+from avit_jax.analysis import figures, plots
+from avit_jax.data import pipeline
+from avit_jax.training import losses
 from configs import fashion_mnist
 
 MEAN, STD = (0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530)
@@ -103,7 +106,7 @@ def test_depth_maps_grid_draws_each_image(tiny):
 
 
 def test_run_model_matches_direct_call_in_batches(tiny):
-  got = visualize.run_model(tiny['model'], tiny['images'], batch_size=4)  # 4 + 2 (padded)
+  got = figures.run_model(tiny['model'], tiny['images'], batch_size=4)  # 4 + 2 (padded)
   np.testing.assert_array_equal(got['token_depth'], tiny['token_depth'])
   np.testing.assert_allclose(got['halting_scores'], tiny['halting_scores'], atol=1e-5)
   np.testing.assert_allclose(got['logits'], tiny['logits'], atol=1e-4)
@@ -112,9 +115,9 @@ def test_run_model_matches_direct_call_in_batches(tiny):
 def test_write_run_figures_files_sizes_and_arrays(tmp_path, tiny):
   config, model, images = tiny['config'], tiny['model'], tiny['images']
   labels = np.arange(6) % 10
-  written = visualize.write_run_figures(
+  written = figures.write_run_figures(
       model, images, labels, str(tmp_path), mean=MEAN, std=STD,
-      class_names=visualize.FASHION_MNIST_CLASSES, loss_config=config.loss.to_dict(), num_maps=3)
+      class_names=figures.FASHION_MNIST_CLASSES, loss_config=config.loss.to_dict(), num_maps=3)
   names = sorted(os.path.relpath(p, tmp_path) for p in written)
   assert names == sorted([
       'depth_maps/000_eval0.png', 'depth_maps/001_eval1.png', 'depth_maps/002_eval2.png',
@@ -158,7 +161,7 @@ def test_layer_plots_draw_the_statistics(tiny):
   fig = plots.active_tokens_figure(stats['active_fraction'])
   np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), active.mean(0), rtol=1e-6)
 
-  target = visualize.prior_target(4, config.loss.to_dict())
+  target = figures.prior_target(4, config.loss.to_dict())
   np.testing.assert_allclose(target, np.asarray(losses.prior_target(4, 4, 1.0)))
   fig = plots.halting_figure(scores, token_depth, target)
   bars = [p.get_height() for p in fig.axes[1].patches]
@@ -236,7 +239,7 @@ def test_load_images_resizes_and_crops(tmp_path):
   top = np.zeros((20, 20, 3), np.uint8)
   middle = np.full((20, 20, 3), 255, np.uint8)
   Image.fromarray(np.concatenate([top, middle])).save(tmp_path / 'a.png')
-  images = visualize.load_images([str(tmp_path / 'a.png')], 28, (0.5,) * 3, (0.5,) * 3)
+  images = figures.load_images([str(tmp_path / 'a.png')], 28, (0.5,) * 3, (0.5,) * 3)
   assert images.shape == (1, 28, 28, 3)
   # Rows 0-13 of the crop come from resized rows 14-27 (top half, black: (0 - .5) / .5 = -1).
   np.testing.assert_allclose(images[0, :10], -1.0, atol=1e-6)
@@ -257,11 +260,11 @@ def test_cli_errors_are_clear(tmp_path):
     visualize.main(['--checkpoint', str(tmp_path), '--images', str(tmp_path / 'x.png'),
                     '--out', str(tmp_path / 'o')])
   with pytest.raises(ValueError) as e:
-    visualize.load_config('configs/fashion_mnist.py', ['--config.data.nope=1'])
+    command_line.load_config('configs/fashion_mnist.py', ['--config.data.nope=1'])
   assert str(e.value) == ("unknown config field 'data.nope'; did you mean data.source, data.mean, "
                           'data.prefetch? (valid fields are listed in configs/fashion_mnist.py; '
                           'see avit_jax/config_lib.py)')
-  config = visualize.load_config('configs/fashion_mnist.py',
+  config = command_line.load_config('configs/fashion_mnist.py',
                                  ['--config.data.data_dir=gs://b/tfds', '--config.model.depth=3',
                                   '--config.data.mean=(0.1, 0.2, 0.3)', '--config.data.cache=false'])
   assert (config.data.data_dir, config.model.depth, config.data.mean, config.data.cache) == (
@@ -304,7 +307,7 @@ def test_deit_without_halting_draws_full_depth(tmp_path):
   config.model.halting = False
   model = models.create(config.model, seed=0)
   images = np.random.default_rng(2).normal(size=(2, 28, 28, 3)).astype(np.float32)
-  visualize.write_run_figures(model, images, None, str(tmp_path), mean=MEAN, std=STD, num_maps=1)
+  figures.write_run_figures(model, images, None, str(tmp_path), mean=MEAN, std=STD, num_maps=1)
   saved = np.load(tmp_path / 'depths.npz')
   np.testing.assert_array_equal(saved['token_depth'], np.full((2, 50), 4.0))
   np.testing.assert_array_equal(saved['active_fraction'], np.ones((2, 4)))
@@ -319,10 +322,10 @@ def test_training_figures_come_from_the_newest_checkpoint(tmp_path, fashion_mnis
   config.eval_batch_size = 8
   _save_checkpoint(str(tmp_path), models.create(config.model, seed=9), config, 2)
   _save_checkpoint(str(tmp_path), model, config, 5)
-  files = visualize.write_training_figures(config, str(tmp_path), count=4)
+  files = figures.write_training_figures(config, str(tmp_path), count=4)
   assert len(files) == 4 + 6 + 2  # maps, grid + 5 plots, depths.npz, content_depth.json
   assert all(f.startswith(str(tmp_path / 'figures')) for f in files)
   saved = np.load(tmp_path / 'figures' / 'depths.npz')
   np.testing.assert_array_equal(saved['labels'], [9, 2, 1, 1])  # the first test images
-  images, _ = visualize.eval_split_images(config, 4)
+  images, _ = pipeline.eval_images(config, 4)
   np.testing.assert_array_equal(saved['token_depth'], np.asarray(model(images).token_depth))

@@ -9,8 +9,9 @@ import os
 import jax
 import pytest
 
-from avit_jax import checkpoints, train
-from avit_jax.workdir import Workdir
+from avit_jax import checkpoints
+from avit_jax.training import train
+from avit_jax.training.workdir import Workdir
 from tests.test_train import tiny_config
 
 

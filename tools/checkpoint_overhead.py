@@ -28,7 +28,8 @@ from absl import logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from avit_jax.checkpoints import integrity  # noqa: E402
-from avit_jax import checkpoints, models, optim, train  # noqa: E402
+from avit_jax import checkpoints, models# noqa: E402
+from avit_jax.training import optim, train
 from configs import fashion_mnist, tiny  # noqa: E402
 
 

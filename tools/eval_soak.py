@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avit_jax import checkpoints, inference, input_pipeline, models  # noqa: E402
+from avit_jax import checkpoints, inference, models# noqa: E402
+from avit_jax.data import pipeline
 from configs import fashion_mnist  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def soak(config, model, *, images: int, window: int, mode: str, log=print) -> di
   start, start_done, cpu = time.perf_counter(), 0, time.process_time()
   while done < images:
     passes += 1
-    for batch in input_pipeline.eval_iterator(config):
+    for batch in pipeline.eval_iterator(config):
       real = int(np.asarray(batch['mask']).sum())
       out = predict(jax.numpy.asarray(batch['images']))
       jax.block_until_ready(out.logits)

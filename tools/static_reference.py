@@ -39,7 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avit_jax import config_lib, flops, inference  # noqa: E402
+from avit_jax import config_lib, inference# noqa: E402
+from avit_jax.models import flops
 from avit_jax.benchmark import measure, profiles, report  # noqa: E402
 from avit_jax.inference import compact as compact_lib  # noqa: E402
 from avit_jax.inference import packed  # noqa: E402

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avit_jax import config_lib, flops, inference
+from avit_jax import config_lib, inference
+from avit_jax.models import flops
 from avit_jax.benchmark import measure, phases, profiles, report
 
 MODES = ('dense', 'masked', 'compact', 'capacity')
@@ -140,8 +141,8 @@ def capacity_check(logits, token_depth, masked_logits, masked_depth, capacity,
 def fashion_mnist_images(data: dict, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` Fashion-MNIST images [B, 28, 28, 3] of `split` ('train', 'test'),
   normalised as the checkpoint's metadata['data'] says, and their labels."""
-  from avit_jax import data_sources  # pylint: disable=import-outside-toplevel  (tensorflow)
-  table = data_sources.fashion_mnist(data['data_dir'], split)
+  from avit_jax.data import sources# pylint: disable=import-outside-toplevel  (tensorflow)
+  table = sources.fashion_mnist(data['data_dir'], split)
   raw, labels = table.images[:count], table.labels[:count]
   x = raw.astype(np.float32)[..., None].repeat(3, axis=-1) / 255.0
   x = (x - np.asarray(data['mean'], np.float32)) / np.asarray(data['std'], np.float32)
@@ -273,8 +274,8 @@ def main(argv=None) -> dict:
         + f'; halting overhead {100 * train["halting_overhead"]:+.1f}% wall '
         '(median of the per-round ratios, which can differ from the medians\' ratio)')
   if args.checkpoint:
-    from avit_jax import visualize  # pylint: disable=import-outside-toplevel
-    model, metadata = visualize.load_model(args.checkpoint)
+    from avit_jax import models  # pylint: disable=import-outside-toplevel
+    model, metadata = models.load(args.checkpoint)
     mc = ml_collections.ConfigDict(metadata['model'])
     data = metadata.get('data') or {}
     if mc.image_size != 28 or data.get('source', 'fashion_mnist') != 'fashion_mnist':

@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from avit_jax import losses, models
+from avit_jax import models
+from avit_jax.training import losses
 
 
 def compile_seconds(predictor, images) -> float:

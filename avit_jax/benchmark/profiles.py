@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from avit_jax import flops, models
+from avit_jax import models
+from avit_jax.models import flops
 from avit_jax.models.avit import AViT
 
 # Published mean compute of A-ViT over DeiT on ImageNet-1K val (docs/algorithm.md).

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from avit_jax import flops
+from avit_jax.models import flops
 from avit_jax.inference import capacity as capacity_lib
 from avit_jax.inference.common import default_chunk_size
 from avit_jax.inference.compact import CompactPredictor

@@ -1,4 +1,5 @@
-"""Model zoo: `create(model_config, seed)` builds a DeiT / A-ViT from a config.model."""
+"""Model zoo: `create(model_config, seed)` builds a DeiT / A-ViT from a config.model, and
+`load(checkpoint)` builds one holding a checkpoint's parameters."""
 
 from __future__ import annotations
 
@@ -6,39 +7,37 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from avit_jax import checkpoints, config_lib
 from avit_jax.models.avit import AViT, AViTOutput
 from avit_jax.models.vit import VisionTransformer
 
-__all__ = ['AViT', 'AViTOutput', 'VisionTransformer', 'check_config', 'create', 'model_kwargs',
-           'num_tokens']
+__all__ = ['AViT', 'AViTOutput', 'VisionTransformer', 'check_config', 'create', 'from_params', 'load',
+           'model_kwargs', 'num_tokens']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _POSITIVE_INTS = ('image_size', 'patch', 'dim', 'depth', 'heads', 'num_classes', 'in_chans')
 
 
-def _invalid(field: str, value, allowed: str) -> ValueError:
-  return ValueError(f'config.model.{field}={value!r} is invalid: {allowed}')
-
-
 def check_config(model_config: ml_collections.ConfigDict) -> None:
-  """The one check of config.model (architecture and halting constants); raises ValueError."""
+  """The one check of config.model (architecture and halting constants); raises
+  config_lib.ConfigError."""
   c = model_config
+  invalid = lambda field, allowed: config_lib.invalid(f'model.{field}', c[field], allowed)
   if c.dtype not in _DTYPES:
-    raise ValueError(f'model.dtype must be one of {sorted(_DTYPES)}, got {c.dtype!r}')
+    raise invalid('dtype', f'expected one of {sorted(_DTYPES)}')
   for field in _POSITIVE_INTS:
-    value = c[field]
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f'model.{field} must be a positive integer, got {value!r}')
+    if not isinstance(c[field], int) or c[field] <= 0:
+      raise invalid(field, 'expected a positive integer')
   if c.image_size % c.patch:
-    raise ValueError(f'model.patch={c.patch} must divide model.image_size={c.image_size}')
+    raise invalid('patch', f'it must divide model.image_size={c.image_size}')
   if c.dim % c.heads:
-    raise ValueError(f'model.heads={c.heads} must divide model.dim={c.dim}')
+    raise invalid('heads', f'it must divide model.dim={c.dim}')
   if c.gate_scale <= 0:
-    raise _invalid('gate_scale', c.gate_scale, 'expected > 0')
+    raise invalid('gate_scale', 'expected > 0')
   if not 0.0 < c.eps < 1.0:
-    raise _invalid('eps', c.eps, 'expected a value in (0, 1)')
+    raise invalid('eps', 'expected a value in (0, 1)')
   if not 0.0 <= c.drop_path_rate < 1.0:
-    raise _invalid('drop_path_rate', c.drop_path_rate, 'expected a value in [0, 1)')
+    raise invalid('drop_path_rate', 'expected a value in [0, 1)')
 
 
 def num_tokens(model_config: ml_collections.ConfigDict) -> int:
@@ -65,3 +64,32 @@ def create(model_config: ml_collections.ConfigDict, seed: int = 0) -> AViT:
   model = AViT(**model_kwargs(model_config), rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   model.eval()
   return model
+
+
+def from_params(model_config: ml_collections.ConfigDict, params, *, what: str,
+                seed: int = 0) -> AViT:
+  """A model of `model_config` (eval mode) holding `params`, a nested dict of arrays as
+  nnx.to_pure_dict gives it; what does not fit is refused with one CheckpointError naming
+  `what`, the arrays and the config fields that would fit."""
+  model = create(model_config, seed=seed)
+  checkpoints.assign_params(model, params, what=what)
+  return model
+
+
+def load(checkpoint: str, model_config: ml_collections.ConfigDict | None = None, *,
+         seed: int = 0) -> tuple[AViT, dict]:
+  """(model, metadata) from a checkpoint directory or a training workdir (its newest step).
+
+  model: in eval mode, holding the checkpoint's verified parameters; its architecture and
+  halting constants are `model_config` when given (e.g. a config with another gate centre),
+  else those the checkpoint recorded. metadata: the checkpoint's metadata dict ('model', and
+  'data' with the normalisation mean / std, 'loss', 'source' where the writer recorded them).
+  """
+  step_dir = checkpoints.resolve_checkpoint(checkpoint)
+  params, metadata = checkpoints.load_params(step_dir)
+  if model_config is None:
+    if 'model' not in metadata:
+      raise checkpoints.CheckpointError(
+          f'{step_dir} records no model config; pass the config it was trained with')
+    model_config = ml_collections.ConfigDict(metadata['model'])
+  return from_params(model_config, params, what=step_dir, seed=seed), metadata

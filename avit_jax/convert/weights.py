@@ -1,9 +1,5 @@
 """PyTorch / timm / Hugging Face ViT weights <-> avit_jax parameters, via one name table.
 
-  python -m avit_jax.convert --src deit_tiny_patch16_224-a1311bcf.pth --config configs/tiny.py \
-      --out ckpt/deit_tiny                       # then --config.init_from=ckpt/deit_tiny
-  python -m avit_jax.convert --to torch --src ckpt/deit_tiny --out deit_tiny.safetensors
-
 Sources: DeiT / A-ViT `.pth` ({'model': state_dict}), timm state dicts (`.pth`, `.bin`,
 `model.safetensors`) and Hugging Face ViT checkpoints (renamed to timm names first, q/k/v
 fused). A-ViT adds no parameters: its halting neuron is channel 0 of each block output, and
@@ -17,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import sys
 from typing import Mapping
 
 import ml_collections
@@ -25,10 +20,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from avit_jax import checkpoints, config_lib, finetune, models
-from avit_jax.finetune import resample_pos_embed
-from avit_jax.torch_io import (ConvertError, read_state_dict, unwrap_state_dict,
-                               write_safetensors)
+from avit_jax import checkpoints, config_lib, models
+from avit_jax.checkpoints import finetune
+from avit_jax.checkpoints.finetune import resample_pos_embed
+from avit_jax.convert.torch_io import (ConvertError, read_state_dict, unwrap_state_dict,
+                                       write_safetensors)
 
 __all__ = ['ConvertError', 'from_torch', 'to_torch_state_dict', 'torch_to_params',
            'hf_to_timm', 'resample_pos_embed', 'convert_file', 'export_file']
@@ -224,6 +220,7 @@ def _load_into(src, model_config, seed: int):
   else:  # also accepts torch tensors and a training checkpoint dict {'model': ...}
     what = 'state dict'
     state_dict = unwrap_state_dict(src, what)
+  # The template's values matter: a head of another class count is this model's fresh one.
   model = models.create(model_config, seed=seed)
   template = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params, info = torch_to_params(state_dict, template, model_config, what)
@@ -262,50 +259,3 @@ def export_file(src: str, out: str, *, force: bool = False) -> str:
   if 'model' in metadata:
     meta['avit_jax_model'] = metadata['model']
   return write_safetensors(out, to_torch_state_dict(params), meta, force=force)
-
-
-def main(argv) -> None:
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
-
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}; use --src, --out, --config')
-  f = flags.FLAGS
-  if not f.src or not f.out:
-    raise app.UsageError('--src and --out are required')
-  if f.to == 'jax' and f.config is None:
-    raise app.UsageError('--config is required to convert into avit_jax, e.g. '
-                         '--config configs/tiny.py (it fixes the model geometry)')
-  try:
-    if f.to == 'torch':
-      path = export_file(f.src, f.out, force=f.force)
-    else:
-      path = convert_file(f.src, f.config.model, f.out, force=f.force)
-  except (checkpoints.CheckpointError, FileExistsError) as e:
-    # The message says what is wrong and how to fix it; a traceback would only hide it.
-    sys.exit(f'error: {e}')
-  logging.info('Wrote %s', path)
-  print(f'Wrote {path}')
-
-
-def _define_flags() -> None:
-  # Only when run as a script: importing this module must not register global flags.
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  flags.DEFINE_string('src', None, 'PyTorch file / HF model dir, or (--to torch) an avit_jax '
-                      'checkpoint directory.')
-  flags.DEFINE_string('out', None, 'Output checkpoint directory, or (--to torch) .safetensors.')
-  flags.DEFINE_enum('to', 'jax', ['jax', 'torch'], 'Direction of the conversion.')
-  flags.DEFINE_bool('force', False, 'Replace an existing --out.')
-  config_flags.DEFINE_config_file('config', None, 'Config file giving config.model '
-                                  '(--to jax only).', lock_config=True)
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=import-outside-toplevel
-
-  from avit_jax import command_line  # pylint: disable=import-outside-toplevel
-  _define_flags()
-  command_line.check_config_file(sys.argv)
-  command_line.quiet_libraries()
-  app.run(main)

@@ -26,12 +26,15 @@ from absl import flags, logging
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from avit_jax import (augment, checkpoints, config_lib, distributed, evaluation, finetune,
-                      flops, input_pipeline, losses, models, optim, sharding)
-from avit_jax import workdir as workdir_lib
-from avit_jax.metric_writer import MetricWriter
-from avit_jax.validation import validate_config
-from avit_jax.workdir import Workdir
+from avit_jax import checkpoints, config_lib, distributed, models
+from avit_jax.checkpoints import finetune
+from avit_jax.data import augment, pipeline
+from avit_jax.models import flops
+from avit_jax.training import evaluation, losses, optim, sharding
+from avit_jax.training import workdir as workdir_lib
+from avit_jax.training.metric_writer import MetricWriter
+from avit_jax.training.validation import validate_config
+from avit_jax.training.workdir import Workdir
 
 class NonFiniteLossError(FloatingPointError):
   """A step's loss or gradient was not finite (and skip_nonfinite_steps is off)."""
@@ -274,7 +277,7 @@ def prepare_training(config: ml_collections.ConfigDict, devices: Sequence[jax.De
                      ) -> tuple[TrainProgram, TrainState]:
   """The mesh (all devices, or `devices`), the model, optimizer and jitted steps, and the
   step-0 state placed on the mesh."""
-  train_examples = input_pipeline.num_examples(config, config.data.train_split)
+  train_examples = pipeline.num_examples(config, config.data.train_split)
   mesh = sharding.make_mesh(config.mesh, devices)
   graphs, params = split_model(create_model(config))
   steps_per_epoch, total_steps = run_length(config, train_examples)
@@ -297,9 +300,10 @@ def prepare_training(config: ml_collections.ConfigDict, devices: Sequence[jax.De
 
 # --- evaluation ----------------------------------------------------------------------------
 
-def evaluate(eval_fn: Callable, params, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+def evaluate_split(eval_fn: Callable, params, config: ml_collections.ConfigDict,
+                   mesh: Mesh) -> dict:
   """Exact metrics of `params` over config.data.eval_split (evaluation.evaluate)."""
-  batches = (sharding.global_batch(b, mesh) for b in input_pipeline.eval_iterator(config))
+  batches = (sharding.global_batch(b, mesh) for b in pipeline.eval_iterator(config))
   return evaluation.evaluate(lambda batch: eval_fn(params, batch), batches,
                              num_tokens=models.num_tokens(config.model),
                              dense_gflops=flops.dense_gflops(config.model))
@@ -343,14 +347,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, run_dir: Workdir, *,
   workdir), written to WORKDIR/eval.json when they re-evaluate the run's own config, else to
   WORKDIR/evals/ (Workdir.evaluation_file). Builds no optimizer, reads no train data."""
   directory = config.eval_checkpoint or checkpoints.latest_step_dir(run_dir.path)
-  params, _ = checkpoints.load_params(directory)
-  model = models.create(config.model, seed=config.seed)
-  checkpoints.assign_params(model, params, f'checkpoint {directory}')
+  model, _ = models.load(directory, config.model, seed=config.seed)
   graphs, params = split_model(model)
   mesh = sharding.make_mesh(config.mesh, devices)
   params_shardings = sharding.tree_shardings(mesh, params)
   eval_fn = jit_eval_step(graphs, config.model, mesh, params_shardings)
-  metrics = evaluate(eval_fn, jax.device_put(params, params_shardings), config, mesh)
+  metrics = evaluate_split(eval_fn, jax.device_put(params, params_shardings), config, mesh)
   name = os.path.basename(os.path.normpath(directory))
   metrics.update(step=int(name) if name.isdigit() else 0,
                  checkpoint=workdir_lib.resolve(directory))
@@ -394,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       intact = True
       eval_every = config.eval_every_steps or program.steps_per_epoch
       eval_params = lambda s: s.ema_params if s.ema_params is not None else s.params
-      batches = input_pipeline.train_iterator(config, start_step=start)
+      batches = pipeline.train_iterator(config, start_step=start)
       logging.info('training steps %d -> %d (%d per epoch, global batch %d, %d devices)', start,
                    total, program.steps_per_epoch, config.batch_size, program.mesh.size)
       last_eval: dict = {}
@@ -428,7 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             else None, nonfinite_steps=reported)
           tick, tick_step = now, done
         if eval_now:
-          last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
+          last_eval = evaluate_split(program.eval_step, eval_params(state), config, program.mesh)
           last_eval['step'] = done
           writer.evaluation(last_eval, split=config.data.eval_split, depth=config.model.depth)
         if save_now:
@@ -443,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                           f'{manager.step_dir(done)}; rerun the same command to resume')
       if start >= total:
         logging.info('nothing to train: the workdir is already at step %d', start)
-        last_eval = evaluate(program.eval_step, eval_params(state), config, program.mesh)
+        last_eval = evaluate_split(program.eval_step, eval_params(state), config, program.mesh)
         last_eval['step'] = start
         writer.evaluation(last_eval, split=config.data.eval_split, depth=config.model.depth)
     except (Preempted, NonFiniteLossError):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from avit_jax import flops
+from avit_jax.models import flops
 
 
 def eval_sums(out, labels: jax.Array, mask: jax.Array, model_config) -> dict:

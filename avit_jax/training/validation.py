@@ -12,7 +12,9 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from avit_jax import config_lib, data_sources, losses, models, optim
+from avit_jax import config_lib, models
+from avit_jax.data import sources
+from avit_jax.training import losses, optim
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
@@ -23,7 +25,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
   config_lib.check_types(config)
   if config.mode not in config_lib.RUN_MODES:
     raise config_lib.invalid('mode', config.mode, f'expected one of {config_lib.RUN_MODES}')
-  data_sources.check_config(config.data)
+  sources.check_config(config.data)
   _check_run_lengths(config, jax.device_count() if device_count is None else device_count)
   models.check_config(config.model)
   if config.model.halting:
@@ -49,7 +51,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         'data.crop_pct', crop_pct, f'eval resizes the shorter side to floor(model.image_size / '
         f'crop_pct) and crops model.image_size={size} from it; expected a value in (0, 1]')
   fields = ('train_split', 'eval_split') if config.mode == 'train' else ('eval_split',)
-  classes = data_sources.check_data(config, fields)
+  classes = sources.check_data(config, fields)
   if classes is not None and classes > config.model.num_classes:
     raise config_lib.invalid(
         'model.num_classes', config.model.num_classes,

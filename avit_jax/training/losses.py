@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.stats import norm
 
+from avit_jax import config_lib
+
 
 def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
   """int [B] -> float32 [B, C]: 1 - smoothing + smoothing / C on the label, smoothing / C
@@ -26,10 +28,11 @@ def ponder_loss(ponder: jax.Array, weight: float) -> jax.Array:
 
 
 def check_prior_target(depth: int, target_depth: float) -> None:
-  """The prior's target depth mu must leave 1..L layers to sum over; raises ValueError."""
+  """The prior's target depth mu must leave 1..L layers to sum over; raises
+  config_lib.ConfigError."""
   if not 0 < int(target_depth) <= depth:
-    raise ValueError(f'loss.prior_target_depth must be in (0, {depth}] for a depth-{depth} '
-                     f'model, got {target_depth}')
+    raise config_lib.invalid('loss.prior_target_depth', target_depth,
+                             f'expected a value in (0, {depth}] for a depth-{depth} model')
 
 
 def prior_target(depth: int, target_depth: float, std: float) -> jax.Array:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import tensorflow as tf
 
-from avit_jax import randaugment
+from avit_jax.data import randaugment
 
 
 def decode(data: tf.Tensor) -> tf.Tensor:

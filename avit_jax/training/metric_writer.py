@@ -8,7 +8,7 @@ import time
 
 from absl import logging
 
-from avit_jax.workdir import EVAL_FILE, write_json
+from avit_jax.training.workdir import EVAL_FILE, write_json
 
 
 class MetricWriter:
