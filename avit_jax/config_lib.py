@@ -70,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = model_config('tiny')
 
   config.data = ml_collections.ConfigDict(dict(
-      source='imagenet2012',  # data_sources.SOURCES: 'imagenet2012' (tfds), 'folder', ...
+      source='imagenet2012',  # data.sources.SOURCES: 'imagenet2012' (tfds), 'folder', ...
       data_dir='',            # tfds data_dir, folder root, or IDX directory
       train_split='train',
       eval_split='validation',

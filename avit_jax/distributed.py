@@ -29,7 +29,7 @@ class DistributedError(RuntimeError):
 
 
 def _on_tpu_vm() -> bool:
-  """Whether this is a Cloud TPU VM (libtpu installed and TPU chips present). Checked from
+  """Whether this is a Cloud TPU host (libtpu installed and TPU chips present). Checked from
   the file system, since asking JAX would start its backend before jax.distributed."""
   return (importlib.util.find_spec('libtpu') is not None
           and bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')))
@@ -90,7 +90,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                initialization_timeout=initialization_timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout)
   except ValueError as e:  # raised before connecting: the cluster's description is incomplete
-    if tpu_vm:  # a single TPU VM (e.g. Colab) has no pod metadata: it is one process
+    if tpu_vm:  # a single TPU host (e.g. Colab) has no pod metadata: it is one process
       logging.info('no TPU pod detected (%s): running as one process', e)
       return False
     raise DistributedError(f'jax.distributed could not find this job\'s processes ({e}); '

@@ -1,7 +1,7 @@
 """Command line: `python -m avit_jax.main --config configs/tiny.py --workdir DIR [--config.x=y]`.
 
 Parses flags, starts multi-host JAX when asked, calls train.train_and_evaluate, and then
-writes the run's figures (config.write_depth_maps) with avit_jax.visualize.
+writes the run's figures (config.write_depth_maps) with avit_jax.analysis.figures.
 """
 
 from __future__ import annotations

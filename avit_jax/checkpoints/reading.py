@@ -108,8 +108,8 @@ def listed_items(directory: str) -> set[str]:
 
 
 def read_metadata(directory: str, restore) -> dict:
-  """The metadata item; {} for a checkpoint written without one (none of this repository's
-  writers does that, but older ones may have)."""
+  """The metadata item; {} for a checkpoint written without one (a parameter checkpoint
+  written by other orbax code)."""
   if not (epath.Path(directory) / METADATA).is_dir():
     if METADATA in listed_items(directory):
       raise DamagedCheckpointError(directory, [f'{METADATA}/ is missing (the checkpoint '

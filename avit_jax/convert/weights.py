@@ -4,7 +4,7 @@ Sources: DeiT / A-ViT `.pth` ({'model': state_dict}), timm state dicts (`.pth`, 
 `model.safetensors`) and Hugging Face ViT checkpoints (renamed to timm names first, q/k/v
 fused). A-ViT adds no parameters: its halting neuron is channel 0 of each block output, and
 the gate scale / centre come from config.model. The renamed arrays then go through the
-fine-tuning rules of finetune.py, as `config.init_from` does: a head of another size is
+fine-tuning rules of checkpoints/finetune.py, as `config.init_from` does: a head of another size is
 re-initialised, and the position embedding is resampled when the image size differs.
 """
 

@@ -3,7 +3,7 @@
 Each section is checked once, by the module that uses it; `validate_config` calls them in
 this order (it decides which of several mistakes is named first): every field's type
 (config_lib), the run mode and lengths (here: what the training loop reads), the data
-source (data_sources), the model (models), the losses (losses) and the optimizer (optim),
+source (data.sources), the model (models), the losses (losses) and the optimizer (optim),
 and last, as the most costly, the data on disk against the config (`check_data`).
 """
 
