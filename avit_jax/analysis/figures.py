@@ -12,6 +12,7 @@ The drawing itself lives in plots.py; this module runs the model and writes the 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
