@@ -40,6 +40,9 @@ def model_config(size: str = 'tiny', *, halting: bool = True) -> ml_collections.
       drop_rate=0.0,
       attn_drop_rate=0.0,
       drop_path_rate=0.1,
+      # DeiT's distillation token (after the class token) and its head (timm's dist_token,
+      # head_dist): the head a teacher trains (config.distill).
+      distilled=False,
       halting=halting,
       gate_scale=10.0,   # gamma
       gate_center=30.0,  # beta
@@ -105,6 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
       prior_std=1.0,
   ))
 
+  # Training with a teacher (DeiT): head_dist learns the teacher's predictions, the class
+  # head the labels; total = (1 - alpha) * label loss + alpha * distillation loss (+ ponder
+  # and prior). Needs model.distilled.
+  config.distill = ml_collections.ConfigDict(dict(
+      teacher='',     # a checkpoint or training workdir this project loads; '' = no teacher
+      kind='hard',    # DISTILL_KINDS: 'hard' (CE with the teacher's argmax) or 'soft' (KL)
+      alpha=0.5,
+      tau=1.0,        # temperature of 'soft'
+  ))
+
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=5e-4,               # base lr at global batch 512; scaled by batch_size / 512
       weight_decay=0.05,
@@ -127,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 # What `config.mode` may be: train (with periodic evaluation) or evaluate a checkpoint.
 RUN_MODES = ('train', 'eval')
+# How head_dist learns from a teacher: its argmax as a label (DeiT's default) or its softened
+# distribution.
+DISTILL_KINDS = ('hard', 'soft')
 
 
 def flatten(tree, prefix: str = '') -> dict[str, Any]:

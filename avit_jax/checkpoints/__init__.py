@@ -18,7 +18,7 @@ DIR may be local or a URL such as gs://bucket/run (paths go through etils.epath)
 
 Modules: layout (item names, errors, finding steps), integrity (checksums), reading
 (verified reads of one directory), params (parameter checkpoints), fit (parameters against a
-model), trainer (TrainCheckpoints: save, resume with fallback), verify (the command).
+model), finetune (parameters fitted to another class count, image size or token set), trainer (TrainCheckpoints: save, resume with fallback), verify (the command).
 """
 
 from avit_jax.checkpoints.fit import assign_params, metadata_json, misfit_message, nest_like
@@ -26,7 +26,7 @@ from avit_jax.checkpoints.layout import (ARRAY_ITEMS, JSON_ITEMS, METADATA, PARA
                                          VERIFY_COMMAND, CheckpointError,
                                          DamagedCheckpointError, is_checkpoint,
                                          latest_step_dir, move_aside, resolve_checkpoint)
-from avit_jax.checkpoints.params import load_params, save_params
+from avit_jax.checkpoints.params import load_metadata, load_params, save_params
 from avit_jax.checkpoints.reading import StepCheck, check_step
 from avit_jax.checkpoints.trainer import TrainCheckpoints
 from avit_jax.checkpoints.verify import main

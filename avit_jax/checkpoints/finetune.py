@@ -1,11 +1,16 @@
 """Fine-tuning rules on native parameters: fit a parameter tree to another model config.
 
-Used when parameters are loaded into a model of another class count or image size
-(`config.init_from`, and `avit_jax.convert` after renaming PyTorch weights):
+Used when parameters are loaded into a model of another class count, image size or set of
+special tokens (`config.init_from`, and `avit_jax.convert` after renaming PyTorch weights):
   - a head for another number of classes (or no head at all) is replaced by the model's
-    freshly initialised one (truncated normal, std 0.02; zero bias);
+    freshly initialised one (truncated normal, std 0.02; zero bias), and so is the
+    distillation head head_dist;
+  - a distilled DeiT's distillation token (dist_token, head_dist and its position
+    embedding, right after the class token's) is dropped for a model without one, and a
+    model with one that loads weights without it keeps its freshly initialised token, head
+    and position embedding entry;
   - pos_embed over another square patch grid is resampled to the model's grid (bicubic,
-    the class token's entry kept).
+    the special tokens' entries kept).
 Everything else is left as it is; what still does not fit is the caller's error to report.
 """
 
@@ -20,25 +25,26 @@ from absl import logging
 
 from avit_jax.checkpoints import CheckpointError
 
-HEAD = ('head.kernel', 'head.bias')
+HEADS = {'head': ('head.kernel', 'head.bias'), 'head_dist': ('head_dist.kernel', 'head_dist.bias')}
+DISTILLATION = ('dist_token', 'head_dist.kernel', 'head_dist.bias')
 
 
-def resample_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
-  """float32[1, 1 + g*g, D] -> [1, 1 + grid*grid, D]: bicubic over the patch grid.
+def resample_pos_embed(pos_embed: np.ndarray, grid: int, prefix: int = 1) -> np.ndarray:
+  """float32[1, prefix + g*g, D] -> [1, prefix + grid*grid, D]: bicubic over the patch grid.
 
-  The class token's entry is kept as is. Matches timm's resample_abs_pos_embed (torch
-  bicubic, antialias=True, align_corners=False: the same a = -0.5 Keys kernel) up to
-  float32 rounding.
+  The `prefix` special tokens' entries (class, and distillation) are kept as they are.
+  Matches timm's resample_abs_pos_embed (torch bicubic, antialias=True,
+  align_corners=False: the same a = -0.5 Keys kernel) up to float32 rounding.
   """
   _, n, d = pos_embed.shape
-  old = math.isqrt(n - 1)
-  if old * old != n - 1:
-    raise CheckpointError(f'pos_embed has {n} tokens: expected 1 class token plus a square '
-                       'grid of patches')
-  patches = pos_embed[0, 1:].reshape(old, old, d)
+  old = math.isqrt(n - prefix)
+  if old * old != n - prefix:
+    raise CheckpointError(f'pos_embed has {n} tokens: expected {prefix} special token(s) '
+                          'plus a square grid of patches')
+  patches = pos_embed[0, prefix:].reshape(old, old, d)
   resized = jax.image.resize(patches, (grid, grid, d), method='bicubic', antialias=True)
   resized = np.asarray(resized, np.float32).reshape(1, grid * grid, d)
-  return np.concatenate([pos_embed[:, :1], resized], axis=1)
+  return np.concatenate([pos_embed[:, :prefix], resized], axis=1)
 
 
 def adapt_params(params: dict[str, np.ndarray], template: dict[str, np.ndarray],
@@ -50,28 +56,54 @@ def adapt_params(params: dict[str, np.ndarray], template: dict[str, np.ndarray],
   'pos_embed_resampled': '14x14 -> 24x24'}) for checkpoint metadata.
   """
   params, changes = dict(params), {}
-  kernel, want = params.get('head.kernel'), template['head.kernel']
-  if kernel is None and 'head.bias' not in params:
-    changes['head_reinitialized'] = f'none in checkpoint -> {model_config.num_classes}'
-  elif (kernel is not None and np.shape(kernel) != np.shape(want) and np.ndim(kernel) == 2
-        and np.shape(kernel)[0] == np.shape(want)[0]):  # same width, other classes
-    changes['head_reinitialized'] = f'{np.shape(kernel)[1]} -> {model_config.num_classes}'
-  if 'head_reinitialized' in changes:
-    logging.warning('Checkpoint head classes %s (config.model.num_classes): re-initialising '
-                    'the head (truncated normal, std 0.02; zero bias).',
-                    changes['head_reinitialized'])
-    params.update({name: template[name] for name in HEAD})
+  for name, (kernel_name, bias_name) in HEADS.items():
+    if kernel_name not in template:
+      continue
+    kernel, want = params.get(kernel_name), template[kernel_name]
+    if kernel is None and bias_name not in params:
+      changes[f'{name}_reinitialized'] = f'none in checkpoint -> {model_config.num_classes}'
+    elif (kernel is not None and np.shape(kernel) != np.shape(want) and np.ndim(kernel) == 2
+          and np.shape(kernel)[0] == np.shape(want)[0]):  # same width, other classes
+      changes[f'{name}_reinitialized'] = f'{np.shape(kernel)[1]} -> {model_config.num_classes}'
+    if f'{name}_reinitialized' in changes:
+      logging.warning('Checkpoint %s classes %s (config.model.num_classes): re-initialising '
+                      'it (truncated normal, std 0.02; zero bias).', name,
+                      changes[f'{name}_reinitialized'])
+      params.update({n: template[n] for n in (kernel_name, bias_name)})
 
-  pos, want = params.get('pos_embed'), template['pos_embed']
+  pos = params.get('pos_embed')
+  had_distillation = 'dist_token' in params
+  wants_distillation = 'dist_token' in template
+  if had_distillation and not wants_distillation:
+    for name in DISTILLATION:
+      params.pop(name, None)
+    if pos is not None and np.ndim(pos) == 3:
+      pos = np.delete(np.asarray(pos), 1, axis=1)  # the distillation token's entry
+    changes['distillation_token'] = 'dropped'
+    logging.warning('The checkpoint is a distilled DeiT and config.model.distilled is False: '
+                    'dropping its distillation token, head and position embedding entry.')
+  elif wants_distillation and not had_distillation:
+    params['dist_token'] = template['dist_token']
+    if pos is not None and np.ndim(pos) == 3:
+      pos = np.concatenate([np.asarray(pos)[:, :1], np.asarray(template['pos_embed'])[:, 1:2],
+                            np.asarray(pos)[:, 1:]], axis=1)
+    changes['distillation_token'] = 'initialised'
+    logging.warning('The checkpoint has no distillation token and config.model.distilled is '
+                    'True: initialising the token and its position embedding entry.')
+  if pos is not None:
+    params['pos_embed'] = pos
+
+  want = template['pos_embed']
+  prefix = 2 if wants_distillation else 1
   tokens = np.shape(pos)[1] if pos is not None and np.ndim(pos) == 3 else 0
-  old = math.isqrt(tokens - 1) if tokens else 0
+  old = math.isqrt(tokens - prefix) if tokens > prefix else 0
   # Only a square patch grid of the same width is resampled; anything else is a mismatch.
-  if (old and old * old == tokens - 1 and np.shape(pos)[-1] == np.shape(want)[-1]
+  if (old and old * old == tokens - prefix and np.shape(pos)[-1] == np.shape(want)[-1]
       and np.shape(pos) != np.shape(want)):
-    grid = math.isqrt(np.shape(want)[1] - 1)
-    params['pos_embed'] = resample_pos_embed(np.asarray(pos, np.float32), grid)
+    grid = math.isqrt(np.shape(want)[1] - prefix)
+    params['pos_embed'] = resample_pos_embed(np.asarray(pos, np.float32), grid, prefix)
     changes['pos_embed_resampled'] = f'{old}x{old} -> {grid}x{grid}'
-    logging.warning('Resampled pos_embed from a %dx%d to a %dx%d patch grid (bicubic, class '
-                    'token kept) for image_size %d.', old, old, grid, grid,
+    logging.warning('Resampled pos_embed from a %dx%d to a %dx%d patch grid (bicubic, special '
+                    'tokens kept) for image_size %d.', old, old, grid, grid,
                     model_config.image_size)
   return params, changes

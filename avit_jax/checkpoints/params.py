@@ -43,6 +43,28 @@ def load_params(directory: str) -> tuple[dict, dict]:
   """Reads (params, metadata) from a parameter checkpoint or a trainer step directory, after
   checking the files it reads and the parameters' checksums (DamagedCheckpointError, naming
   the newest intact step of the workdir when there is one)."""
+  directory = _existing_checkpoint(directory)
+  try:
+    return _read_params(directory)
+  except DamagedCheckpointError as e:
+    raise DamagedCheckpointError(directory, e.problems, _advice(directory)) from e
+
+
+def load_metadata(directory: str) -> dict:
+  """The metadata of a parameter checkpoint or trainer step ('model': its config.model, ...),
+  without reading its arrays."""
+  directory = _existing_checkpoint(directory)
+  problems = integrity.json_problems(directory, (METADATA,))
+  if problems:
+    raise DamagedCheckpointError(directory, problems, _advice(directory))
+  with local_reader(directory) as restore:
+    metadata = read_metadata(directory, restore)
+  metadata.pop(integrity.FIELD, None)
+  return metadata
+
+
+def _existing_checkpoint(directory: str) -> str:
+  """`directory` made absolute; CheckpointError unless it holds a checkpoint."""
   directory = absolute(directory)
   if not epath.Path(directory).exists():
     raise CheckpointError(f'checkpoint {directory} does not exist (expected a directory '
@@ -56,10 +78,7 @@ def load_params(directory: str) -> tuple[dict, dict]:
     raise CheckpointError(f'{directory} is not an avit_jax checkpoint (expected a '
                           f'{PARAMS}/ subdirectory written by avit_jax.convert or the trainer).'
                           + hint)
-  try:
-    return _read_params(directory)
-  except DamagedCheckpointError as e:
-    raise DamagedCheckpointError(directory, e.problems, _advice(directory)) from e
+  return directory
 
 
 def _read_params(directory: str, *, warn: bool = True) -> tuple[dict, dict]:

@@ -1,11 +1,15 @@
 """PyTorch / timm / Hugging Face ViT weights <-> avit_jax parameters, via one name table.
 
 Sources: DeiT / A-ViT `.pth` ({'model': state_dict}), timm state dicts (`.pth`, `.bin`,
-`model.safetensors`) and Hugging Face ViT checkpoints (renamed to timm names first, q/k/v
-fused). A-ViT adds no parameters: its halting neuron is channel 0 of each block output, and
-the gate scale / centre come from config.model. The renamed arrays then go through the
-fine-tuning rules of checkpoints/finetune.py, as `config.init_from` does: a head of another size is
-re-initialised, and the position embedding is resampled when the image size differs.
+`model.safetensors`) and Hugging Face ViT / DeiT checkpoints (renamed to timm names first,
+q/k/v fused), distilled DeiT included (timm's dist_token and head_dist; Hugging Face's
+distillation_token and distillation_classifier). A-ViT adds no parameters: its halting
+neuron is channel 0 of each block output, and the gate scale / centre come from
+config.model. The renamed arrays then go through the fine-tuning rules of
+checkpoints/finetune.py, as `config.init_from` does: a head of another size is
+re-initialised, a distillation token the model lacks is dropped (or one it has and the
+weights lack is initialised), and the position embedding is resampled when the image size
+differs.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = ['ConvertError', 'from_torch', 'to_torch_state_dict', 'torch_to_params
 # 'conv': torch [D, C, p, p] (OIHW) -> kernel [p, p, C, D] (HWIO).
 TIMM_TABLE = (
     ('cls_token', 'cls_token', 'same'),
+    ('dist_token', 'dist_token', 'same'),
     ('pos_embed', 'pos_embed', 'same'),
     ('patch_embed.proj.weight', 'patch_embed.proj.kernel', 'conv'),
     ('patch_embed.proj.bias', 'patch_embed.proj.bias', 'same'),
@@ -53,6 +58,8 @@ TIMM_TABLE = (
     ('norm.bias', 'norm.bias', 'same'),
     ('head.weight', 'head.kernel', 'linear'),
     ('head.bias', 'head.bias', 'same'),
+    ('head_dist.weight', 'head_dist.kernel', 'linear'),
+    ('head_dist.bias', 'head_dist.bias', 'same'),
 )
 _TO_JAX = {'same': lambda a: a, 'linear': lambda a: a.T,
            'conv': lambda a: a.transpose(2, 3, 1, 0)}
@@ -90,7 +97,6 @@ HF_TABLE = (
 )
 # HF modules DeiT / A-ViT do not have and that do not affect the logits.
 _HF_UNUSED = re.compile(r'pooler\.dense\.(weight|bias)')
-_DISTILLED = ('dist_token', 'head_dist.weight', 'head_dist.bias')
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,13 +193,6 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping,
   if _is_hf(source):
     source, origin, unknown_src = hf_to_timm(source)
     info['source_format'] = 'huggingface'
-  distilled = [k for k in _DISTILLED if k in source]
-  if distilled:
-    raise ConvertError(
-        f'{what} is a distilled DeiT ({", ".join(distilled)}: it has a '
-        'second, distillation token and head). avit_jax models have a class token only: '
-        'convert the non-distilled weights (e.g. deit_tiny_patch16_224-a1311bcf.pth or '
-        'facebook/deit-tiny-patch16-224) instead.')
   native, untranslated = _translate(source, to_torch=False)
   expected = config_lib.flatten(template)
   native, changes = finetune.adapt_params(native, expected, model_config)

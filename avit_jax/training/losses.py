@@ -1,4 +1,5 @@
-"""A-ViT training losses (docs/algorithm.md, "Losses"). Pure functions of arrays and floats."""
+"""A-ViT training losses (docs/algorithm.md, "Losses") and DeiT's distillation loss. Pure
+functions of arrays and floats, and the checks of the config fields they read."""
 
 from __future__ import annotations
 
@@ -20,6 +21,35 @@ def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean over the batch of -sum(targets * log_softmax(logits)); logits, targets [B, C]."""
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def distillation_loss(dist_logits: jax.Array, teacher_logits: jax.Array, kind: str,
+                      tau: float) -> jax.Array:
+  """DeiT's loss of the distillation head against a teacher; logits [B, C].
+
+  'hard': cross-entropy with the teacher's argmax as the label. 'soft': KL(teacher || head)
+  of the distributions at temperature tau, times tau^2, summed and divided by B * C as DeiT
+  does. The teacher's logits get no gradient.
+  """
+  teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  dist_logits = dist_logits.astype(jnp.float32)
+  if kind == 'hard':
+    return optax.softmax_cross_entropy_with_integer_labels(
+        dist_logits, jnp.argmax(teacher_logits, axis=-1)).mean()
+  log_p = jax.nn.log_softmax(teacher_logits / tau, axis=-1)
+  log_q = jax.nn.log_softmax(dist_logits / tau, axis=-1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q)) * tau * tau / dist_logits.size
+
+
+def check_distill_config(distill_config) -> None:
+  """The checks of config.distill's numbers (validation.check_teacher opens the teacher)."""
+  d = distill_config
+  if d.kind not in config_lib.DISTILL_KINDS:
+    raise config_lib.invalid('distill.kind', d.kind, f'expected one of {config_lib.DISTILL_KINDS}')
+  if not 0.0 <= d.alpha <= 1.0:
+    raise config_lib.invalid('distill.alpha', d.alpha, 'expected a value in [0, 1]')
+  if d.tau <= 0:
+    raise config_lib.invalid('distill.tau', d.tau, 'expected > 0')
 
 
 def ponder_loss(ponder: jax.Array, weight: float) -> jax.Array:

@@ -9,7 +9,7 @@ import optax
 
 from avit_jax import config_lib
 
-NO_DECAY_NAMES = ('pos_embed', 'cls_token')
+NO_DECAY_NAMES = ('pos_embed', 'cls_token', 'dist_token')
 
 
 def check_config(optimizer_config: ml_collections.ConfigDict) -> None:

@@ -3,8 +3,9 @@
 Each section is checked once, by the module that uses it; `validate_config` calls them in
 this order (it decides which of several mistakes is named first): every field's type
 (config_lib), the run mode and lengths (here: what the training loop reads), the data
-source (data.sources), the model (models), the losses (losses) and the optimizer (optim),
-and last, as the most costly, the data on disk against the config (`check_data`).
+source (data.sources), the model (models), the losses and distillation numbers (losses) and
+the optimizer (optim), and last, as the most costly, the teacher's recorded config against the
+student's (`check_teacher`) and the data on disk against the config (`check_data`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from avit_jax import config_lib, models
+from avit_jax import checkpoints, config_lib, models
 from avit_jax.data import sources
 from avit_jax.training import losses, optim
 
@@ -30,8 +31,33 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
   models.check_config(config.model)
   if config.model.halting:
     losses.check_prior_target(config.model.depth, config.loss.prior_target_depth)
+  losses.check_distill_config(config.distill)
   optim.check_config(config.optimizer)
+  check_teacher(config)
   check_data(config)
+
+
+def check_teacher(config: ml_collections.ConfigDict) -> None:
+  """config.distill.teacher, when training with one: a checkpoint whose recorded model takes
+  the student's images and predicts its classes, for a student with a distillation head."""
+  teacher = config.distill.teacher
+  if not teacher or config.mode != 'train':
+    return
+  if not config.model.distilled:
+    raise config_lib.invalid('distill.teacher', teacher, 'a teacher trains the distillation '
+                             'head: set --config.model.distilled=True')
+  metadata = checkpoints.load_metadata(checkpoints.resolve_checkpoint(teacher))
+  recorded = metadata.get('model')
+  if not recorded:
+    raise config_lib.invalid('distill.teacher', teacher, 'its checkpoint records no model '
+                             'config; write it with avit_jax.convert or the trainer')
+  want = {f: config.model[f] for f in ('num_classes', 'image_size', 'in_chans')}
+  has = {f: recorded.get(f) for f in want}
+  if has != want:
+    describe = lambda d: ', '.join(f'{k}={v}' for k, v in d.items())
+    raise config_lib.invalid(
+        'distill.teacher', teacher, f'the teacher has {describe(has)}, the student '
+        f'(config.model) {describe(want)}; expected the same classes and images')
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:

@@ -82,12 +82,15 @@ def saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict | None
 
 
 def config_differences(saved: dict, current: dict, ignore=frozenset()) -> list[str]:
-  """Fields (dotted) whose values differ, ignoring run-control fields and `ignore`."""
+  """Fields (dotted) whose values differ, ignoring run-control fields and `ignore`. A field
+  one side lacks (a config saved before the field existed) counts as its default."""
   a, b = config_lib.flatten(saved), config_lib.flatten(current)
+  defaults = config_lib.flatten(config_lib.base_config())
+  value = lambda side, n: side.get(n, defaults.get(n, '<absent>'))
   names = sorted(set(a) | set(b))
-  return [f'{n}: workdir has {a.get(n, "<absent>")!r}, this run has {b.get(n, "<absent>")!r}'
+  return [f'{n}: workdir has {value(a, n)!r}, this run has {value(b, n)!r}'
           for n in names if n.split('.')[0] not in RUN_CONTROL_FIELDS and n not in ignore
-          and a.get(n) != b.get(n)]
+          and value(a, n) != value(b, n)]
 
 
 def _has_checkpoint(directory: epath.Path) -> bool:
