@@ -1,14 +1,22 @@
-"""Shared by the tests that run commands in real processes (reliability, many hosts, gs://)."""
+"""Helpers shared by several test modules: commands run in real processes (reliability, many
+hosts, gs://), the tiny training config, the plain data config, preemption by SIGTERM, arrays
+saved split over devices, and random timm (PyTorch) weights."""
 
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+# Fashion-MNIST's normalisation (configs/fashion_mnist.py).
+MEAN, STD = 0.2860, 0.3530
 
 
 class CommandRun:
@@ -87,3 +95,233 @@ class CommandRun:
     if self.proc.poll() is None:
       self.proc.kill()
       self.proc.wait(timeout=30)
+
+
+# -- configs ------------------------------------------------------------------------------
+
+
+def tiny_config(**overrides):
+  """The Fashion-MNIST config shrunk to a model that trains 8 steps in seconds; `overrides`
+  are {'a.b': value}."""
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config()
+  config.model.dim = 32
+  config.model.depth = 3
+  config.model.heads = 2
+  config.model.patch = 7
+  config.loss.prior_target_depth = 2
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.num_train_steps = 8
+  config.num_eval_images = 256
+  config.log_every_steps = 4
+  config.eval_every_steps = 8
+  config.checkpoint_every_steps = 4
+  config.write_depth_maps = False
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.lr = 3e-2  # scaled by 32 / 512: a visible drop in 8 steps
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+# A tiny run as command-line overrides (`--config.KEY=VALUE`), for the tests that start
+# `python -m avit_jax.main` in processes.
+TINY_FLAGS = {
+    'model.dim': 32, 'model.depth': 2, 'model.heads': 2, 'model.patch': 7,
+    'loss.prior_target_depth': 2, 'batch_size': 32, 'eval_batch_size': 64,
+    'num_train_steps': 12, 'num_eval_images': 128, 'log_every_steps': 1,
+    'eval_every_steps': 12, 'checkpoint_every_steps': 2, 'keep_checkpoints': 100,
+    'write_depth_maps': False, 'optimizer.warmup_epochs': 0.0, 'optimizer.lr': 3e-2,
+}
+
+
+def data_config(data_dir=FASHION_MNIST_DIR, source='fashion_mnist', plain=True):
+  """The input pipeline's config: small batches, eval of the stored 28 x 28 pixels, and
+  (`plain`) no augmentation, so train images are the stored pixels."""
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config()
+  config.data.source = source
+  config.data.data_dir = str(data_dir)
+  if source != 'fashion_mnist':
+    config.data.eval_split = 'validation'
+  config.data.crop_pct = 1.0  # eval sees the stored 28 x 28 pixels
+  config.batch_size = 6
+  config.eval_batch_size = 8
+  if plain:
+    config.aug.pad_and_crop = 0
+    config.aug.hflip = False
+  return config
+
+
+def gray_pixels(images):
+  """Normalised float32 [B, H, W, 3] -> uint8 [B, H, W] (asserting the 3 channels agree)."""
+  pixels = np.round((images * STD + MEAN) * 255).astype(np.int32)
+  np.testing.assert_array_equal(pixels[..., 0], pixels[..., 1])
+  np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])
+  assert pixels.min() >= 0 and pixels.max() <= 255
+  return pixels[..., 0]
+
+
+def sigterm_at(monkeypatch, step: int) -> None:
+  """The training data sends this process SIGTERM while it fetches the batch of `step`
+  (0-based): the run then stops as a preempted one does, right after that step."""
+  from avit_jax.data import pipeline
+  real = pipeline.train_iterator
+
+  def iterator(config, *, start_step=0, **kwargs):
+    for s, batch in enumerate(real(config, start_step=start_step, **kwargs), start_step):
+      if s == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+  monkeypatch.setattr(pipeline, 'train_iterator', iterator)
+
+
+# -- arrays saved split over devices (checkpoint integrity, in one process and in two) ----
+
+
+def fsdp_mesh():
+  """Every device on the fsdp axis (the 8 fake CPU devices, or 4 on each of 2 processes)."""
+  from avit_jax.training import sharding
+  return sharding.make_mesh(tiny_config(**{'mesh.fsdp': 8}).mesh)
+
+
+def split_trees(step: int) -> tuple[dict, dict]:
+  """(params, opt_state) of random int32 values for step `step`: incompressible, so each
+  shard's bytes lie as they are in the OCDBT data file, where a test can flip one of them."""
+  r = np.random.default_rng(step)
+  return ({'w': r.integers(-2**31, 2**31 - 1, (64, 512), dtype=np.int32),
+           'b': r.standard_normal(10).astype(np.float32)},
+          {'count': np.int32(step), 'mu': r.integers(-2**31, 2**31 - 1, (1024,), dtype=np.int32)})
+
+
+def abstract_tree(tree, mesh):
+  """ShapeDtypeStructs of `tree` carrying the fsdp shardings of `mesh`."""
+  import jax
+  from avit_jax.training import sharding
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, sharding.tree_shardings(mesh, tree))
+
+
+def flip_in_shard(step_dir: str, value: np.ndarray, bounds) -> np.ndarray:
+  """Inverts one byte in the middle of the stored data of `value`'s shard `bounds` (its
+  bytes found in the step's data files); returns `value` as it now reads."""
+  box = tuple(slice(a, b) for a, b in bounds)
+  piece = np.array(value[box], order='C')
+  data = piece.tobytes()
+  found = []
+  for folder, _, names in os.walk(step_dir):
+    for name in names:
+      with open(os.path.join(folder, name), 'rb') as f:
+        blob = f.read()
+      found += [(os.path.join(folder, name), blob.find(data))] * blob.count(data)
+  assert len(found) == 1, found  # exactly one stored copy of the shard
+  path, at = found[0]
+  with open(path, 'r+b') as f:
+    f.seek(at + len(data) // 2)
+    byte = f.read(1)[0]
+    f.seek(at + len(data) // 2)
+    f.write(bytes([byte ^ 0xFF]))
+  piece.reshape(-1).view(np.uint8)[len(data) // 2] ^= 0xFF
+  damaged = value.copy()
+  damaged[box] = piece
+  return damaged
+
+
+# -- timm (PyTorch) weights for the conversion tests ---------------------------------------
+
+
+def model_config(size='tiny', *, depth=None, image_size=224, num_classes=1000, halting=False):
+  from avit_jax import config_lib
+  c = config_lib.model_config(size, halting=halting)
+  c.depth = depth or c.depth
+  c.image_size = image_size
+  c.num_classes = num_classes
+  return c
+
+
+def random_timm(seed, c, *, image_size=None, num_classes=None, depth=None):
+  """Random timm state dict (torch layouts) with non-trivial norms and biases."""
+  rng = np.random.default_rng(seed)
+  image_size = image_size or c.image_size
+  num_classes = num_classes or c.num_classes
+  d, hidden = c.dim, int(c.dim * c.mlp_ratio)
+  tokens = (image_size // c.patch) ** 2 + 1
+
+  def w(*shape):
+    return rng.normal(0.0, 0.02, shape).astype(np.float32)
+
+  def b(n):
+    return rng.normal(0.0, 0.1, (n,)).astype(np.float32)
+
+  def scale(n):
+    return rng.normal(1.0, 0.1, (n,)).astype(np.float32)
+
+  sd = {'cls_token': rng.normal(0, 0.1, (1, 1, d)).astype(np.float32),
+        'pos_embed': rng.normal(0, 0.1, (1, tokens, d)).astype(np.float32),
+        'patch_embed.proj.weight': w(d, c.in_chans, c.patch, c.patch),
+        'patch_embed.proj.bias': b(d)}
+  for i in range(depth or c.depth):
+    p = f'blocks.{i}.'
+    sd.update({p + 'norm1.weight': scale(d), p + 'norm1.bias': b(d),
+               p + 'attn.qkv.weight': w(3 * d, d), p + 'attn.qkv.bias': b(3 * d),
+               p + 'attn.proj.weight': w(d, d), p + 'attn.proj.bias': b(d),
+               p + 'norm2.weight': scale(d), p + 'norm2.bias': b(d),
+               p + 'mlp.fc1.weight': w(hidden, d), p + 'mlp.fc1.bias': b(hidden),
+               p + 'mlp.fc2.weight': w(d, hidden), p + 'mlp.fc2.bias': b(d)})
+  sd.update({'norm.weight': scale(d), 'norm.bias': b(d),
+             'head.weight': w(num_classes, d), 'head.bias': b(num_classes)})
+  return sd
+
+
+def timm_to_hf(sd, *, old_names=False):
+  """Independent timm -> Hugging Face mapping (transformers 5 modules, or hub-file names)."""
+  out = {}
+  for k, v in sd.items():
+    parts = k.split('.')
+    if k == 'cls_token':
+      out['vit.embeddings.cls_token'] = v
+    elif k == 'pos_embed':
+      out['vit.embeddings.position_embeddings'] = v
+    elif k.startswith('patch_embed.proj.'):
+      out['vit.embeddings.patch_embeddings.projection.' + parts[-1]] = v
+    elif k.startswith('norm.'):
+      out['vit.layernorm.' + parts[-1]] = v
+    elif k.startswith('head.'):
+      out['classifier.' + parts[-1]] = v
+    else:
+      i, module, leaf = parts[1], '.'.join(parts[2:-1]), parts[-1]
+      if old_names:
+        p = f'vit.encoder.layer.{i}.'
+        names = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
+                 'attn.proj': 'attention.output.dense', 'mlp.fc1': 'intermediate.dense',
+                 'mlp.fc2': 'output.dense'}
+        qkv = ('attention.attention.query', 'attention.attention.key', 'attention.attention.value')
+      else:
+        p = f'vit.layers.{i}.'
+        names = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
+                 'attn.proj': 'attention.o_proj', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2'}
+        qkv = ('attention.q_proj', 'attention.k_proj', 'attention.v_proj')
+      if module == 'attn.qkv':
+        for name, chunk in zip(qkv, np.split(v, 3, axis=0)):
+          out[f'{p}{name}.{leaf}'] = chunk
+      else:
+        out[f'{p}{names[module]}.{leaf}'] = v
+  return out
+
+
+def save_pth(path, sd, wrap=True):
+  import torch
+  tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+  torch.save({'model': tensors} if wrap else tensors, path)
+  return str(path)
+
+
+def params_of(model):
+  from flax import nnx
+  from avit_jax import config_lib
+  return config_lib.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -18,14 +18,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from avit_jax import checkpoints, command_line, inference, main, models
+from avit_jax import checkpoints, command_line, inference, models
 from avit_jax.data import sources, pipeline
 from avit_jax.training import train, validation
 from avit_jax.training.workdir import Workdir, WorkdirError
 from configs import fashion_mnist
-from tests.test_input_pipeline import _config as data_config
-from tests.test_input_pipeline import _pixels
-from tests.test_train import tiny_config
+from tests.helpers import data_config, gray_pixels, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist.py')
@@ -80,7 +78,7 @@ def test_cli_impossible_value_is_one_line_without_traceback(tmp_path):
                          'devices (8); use a multiple of 8'),
     ({'eval_batch_size': 100}, 'config.eval_batch_size=100 is invalid: must be divisible by the '
                                'number of devices (8); use a multiple of 8'),
-    ({'model.patch': 5}, 'model.patch=5 must divide model.image_size=28'),
+    ({'model.patch': 5}, 'config.model.patch=5 is invalid: it must divide model.image_size=28'),
     ({'model.gate_scale': 0.0}, 'config.model.gate_scale=0.0 is invalid: expected > 0'),
     ({'model.gate_scale': -10.0}, 'config.model.gate_scale=-10.0 is invalid: expected > 0'),
     ({'model.eps': 0.0}, 'config.model.eps=0.0 is invalid: expected a value in (0, 1)'),
@@ -222,7 +220,7 @@ def test_missing_fashion_mnist_is_a_config_error(tmp_path, monkeypatch):
 def test_a_failure_mid_run_saves_the_last_step(tmp_path, monkeypatch):
   # The eval at step 6 fails: step 6 was trained and is saved before the error propagates.
   config = tiny_config(**{'eval_every_steps': 6})
-  real_evaluate = train.evaluate
+  real_evaluate = train.evaluate_split
 
   def failing_evaluate(*args, **kwargs):
     raise RuntimeError('eval failed')
@@ -324,7 +322,7 @@ def test_eval_of_another_architecture_lists_mismatches(tmp_path, other_architect
   with pytest.raises(checkpoints.CheckpointError) as e:
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert str(e.value) == (
-      f'checkpoint {other_architecture} does not fit the model:\n'
+      f'{other_architecture} does not fit the model:\n'
       '  shape mismatches: head.bias: model (10,) vs checkpoint (7,); head.kernel: model '
       '(32, 10) vs checkpoint (32, 7)\n' + BLOCK2_NOT_IN_MODEL + '\n'
       '  hint: the checkpoint has depth 3, width 32 and num_classes 7; choose the matching '
@@ -375,7 +373,7 @@ def test_other_pixel_formats_decode_to_the_same_gray_pixels(tmp_path, fashion_mn
   config.model.num_classes = 1
   batch = next(pipeline.eval_iterator(config))
   assert batch['mask'].tolist() == [1] * 4 + [0] * 4
-  pixels = _pixels(batch['images'][:4])
+  pixels = gray_pixels(batch['images'][:4])
   np.testing.assert_array_equal(pixels[:3], images[:3])
   np.testing.assert_array_equal(pixels[3], np.asarray(frames[0].convert('L')))
 
@@ -424,7 +422,7 @@ def test_fashion_mnist_truncated_file_wrong_split_and_labels(tmp_path, fashion_m
 
 # The ways of running a model that must all refuse bad images (named here, not taken from
 # inference, so that a new mode is added here on purpose).
-PREDICT_MODES = ('dense', 'masked', 'compact', 'capacity')
+PREDICT_MODES = ('dense', 'masked', 'compact')
 
 
 @pytest.fixture(scope='module')
@@ -435,8 +433,7 @@ def model():
 
 @pytest.mark.parametrize('mode', PREDICT_MODES + ('auto',))
 def test_predict_rejects_wrong_shape_and_dtype(model, mode):
-  budget = {'capacity': (models.num_tokens(tiny_config().model),) * model.depth}.get(mode)
-  predict = inference.make_predict_fn(model, mode, capacity=budget)
+  predict = inference.make_predict_fn(model, mode)
   for bad in (jnp.zeros((28, 28, 3)), jnp.zeros((2, 28, 28, 1)), jnp.zeros((2, 32, 32, 3))):
     with pytest.raises(ValueError, match=r'expected images of shape \[B, 28, 28, 3\]'):
       predict(bad)
@@ -454,9 +451,7 @@ def test_nan_and_inf_images_give_nan_logits_for_that_image_only(model):
   bad[1] = np.nan
   bad[2, 3, 4, 0] = np.inf
   for mode in PREDICT_MODES:
-    # capacity: every token has a slot at every layer (no token is cut).
-    budget = {'capacity': (models.num_tokens(tiny_config().model),) * model.depth}.get(mode)
-    predict = inference.make_predict_fn(model, mode, capacity=budget)
+    predict = inference.make_predict_fn(model, mode)
     ref, out = predict(jnp.asarray(clean)), predict(jnp.asarray(bad))
     logits, depth = np.asarray(out.logits), np.asarray(out.token_depth)
     assert np.isnan(logits).any(axis=1).tolist() == [False, True, True, False], mode
@@ -465,9 +460,8 @@ def test_nan_and_inf_images_give_nan_logits_for_that_image_only(model):
     np.testing.assert_array_equal(np.asarray(out.ponder)[1:3], full)
     ok = [0, 3]
     np.testing.assert_array_equal(depth[ok], np.asarray(ref.token_depth)[ok])
-    # Compact packs the batch's running tokens into other bucket shapes, capacity reorders
-    # them: fp32 rounding.
+    # Compact packs the batch's running tokens into other bucket shapes: fp32 rounding.
     np.testing.assert_allclose(logits[ok], np.asarray(ref.logits)[ok], rtol=0,
-                               atol=1e-5 if mode in ('compact', 'capacity') else 0,
+                               atol=1e-5 if mode == 'compact' else 0,
                                err_msg=mode)
 

@@ -30,11 +30,11 @@ from flax import nnx
 
 from avit_jax import checkpoints
 from avit_jax.training import sharding, train
-from tests.test_reliability import FLAGS, REPO
-from tests.test_train import tiny_config
+from tests.helpers import (REPO, TINY_FLAGS, abstract_tree, flip_in_shard, fsdp_mesh, split_trees,
+                           tiny_config)
 
-# tests/test_reliability.py's tiny run, 4 steps with checkpoints 2 and 4 and an EMA.
-OVERRIDES = {**FLAGS, 'num_train_steps': 4, 'eval_every_steps': 4, 'log_every_steps': 2,
+# The processes' tiny run (tests/helpers.py), 4 steps with checkpoints 2 and 4 and an EMA.
+OVERRIDES = {**TINY_FLAGS, 'num_train_steps': 4, 'eval_every_steps': 4, 'log_every_steps': 2,
              'optimizer.ema_decay': 0.9}
 ITEMS = ('params', 'opt_state', 'ema_params')
 
@@ -456,11 +456,6 @@ def test_unreadable_directories_give_one_clear_error(tmp_path):
 # -- arrays split over devices (mesh.fsdp = 8), several processes, gs:// paths --------------
 
 
-def fsdp_mesh():
-  """Every device on the fsdp axis (the 8 fake CPU devices)."""
-  return sharding.make_mesh(_config(**{'mesh.fsdp': 8}).mesh)
-
-
 def _shard_crc32s(value: np.ndarray, dim: int, parts: int = 8) -> dict[str, str]:
   """{'0:32,16:32': crc32}: `value` cut in `parts` equal slices along `dim`, by hand."""
   size = value.shape[dim] // parts
@@ -530,21 +525,6 @@ def _resume_onto(run, workdir, shardings):
     manager.close()
 
 
-def split_trees(step: int) -> tuple[dict, dict]:
-  """(params, opt_state) of random int32 values for step `step`: incompressible, so each
-  shard's bytes lie as they are in the OCDBT data file, where a test can flip one of them."""
-  r = np.random.default_rng(step)
-  return ({'w': r.integers(-2**31, 2**31 - 1, (64, 512), dtype=np.int32),
-           'b': r.standard_normal(10).astype(np.float32)},
-          {'count': np.int32(step), 'mu': r.integers(-2**31, 2**31 - 1, (1024,), dtype=np.int32)})
-
-
-def abstract_tree(tree, mesh):
-  """ShapeDtypeStructs of `tree` carrying the fsdp shardings of `mesh`."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, sharding.tree_shardings(mesh, tree))
-
-
 @pytest.fixture(scope='module')
 def split_workdir(tmp_path_factory):
   """A trainer workdir with steps 2 and 4 of split_trees saved split over the 8 devices."""
@@ -560,31 +540,6 @@ def split_workdir(tmp_path_factory):
   finally:
     manager.close()
   return workdir
-
-
-def flip_in_shard(step_dir: str, value: np.ndarray, bounds) -> np.ndarray:
-  """Inverts one byte in the middle of the stored data of `value`'s shard `bounds` (its
-  bytes found in the step's data files); returns `value` as it now reads."""
-  box = tuple(slice(a, b) for a, b in bounds)
-  piece = np.array(value[box], order='C')
-  data = piece.tobytes()
-  found = []
-  for folder, _, names in os.walk(step_dir):
-    for name in names:
-      with open(os.path.join(folder, name), 'rb') as f:
-        blob = f.read()
-      found += [(os.path.join(folder, name), blob.find(data))] * blob.count(data)
-  assert len(found) == 1, found  # exactly one stored copy of the shard
-  path, at = found[0]
-  with open(path, 'r+b') as f:
-    f.seek(at + len(data) // 2)
-    byte = f.read(1)[0]
-    f.seek(at + len(data) // 2)
-    f.write(bytes([byte ^ 0xFF]))
-  piece.reshape(-1).view(np.uint8)[len(data) // 2] ^= 0xFF
-  damaged = value.copy()
-  damaged[box] = piece
-  return damaged
 
 
 def _crc(value) -> str:
@@ -735,8 +690,7 @@ TWO_PROCESSES = textwrap.dedent('''
     import numpy as np
     from avit_jax import checkpoints
     from avit_jax.training import sharding
-    from tests.test_checkpoint_integrity import (abstract_tree, flip_in_shard, fsdp_mesh,
-                                                 split_trees)
+    from tests.helpers import abstract_tree, flip_in_shard, fsdp_mesh, split_trees
 
     mesh = fsdp_mesh()  # 8 devices, 4 on each process
     put = lambda t: jax.tree.map(

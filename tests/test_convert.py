@@ -8,91 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 from avit_jax import checkpoints, config_lib, convert, models
 from avit_jax.convert.torch_io import ConvertError
+from tests.helpers import model_config, params_of, random_timm, save_pth, timm_to_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
-
-
-def model_config(size='tiny', *, depth=None, image_size=224, num_classes=1000, halting=False):
-  c = config_lib.model_config(size, halting=halting)
-  c.depth = depth or c.depth
-  c.image_size = image_size
-  c.num_classes = num_classes
-  return c
-
-
-def random_timm(seed, c, *, image_size=None, num_classes=None, depth=None):
-  """Random timm state dict (torch layouts) with non-trivial norms and biases."""
-  rng = np.random.default_rng(seed)
-  image_size = image_size or c.image_size
-  num_classes = num_classes or c.num_classes
-  d, hidden = c.dim, int(c.dim * c.mlp_ratio)
-  tokens = (image_size // c.patch) ** 2 + 1
-
-  def w(*shape):
-    return rng.normal(0.0, 0.02, shape).astype(np.float32)
-
-  def b(n):
-    return rng.normal(0.0, 0.1, (n,)).astype(np.float32)
-
-  def scale(n):
-    return rng.normal(1.0, 0.1, (n,)).astype(np.float32)
-
-  sd = {'cls_token': rng.normal(0, 0.1, (1, 1, d)).astype(np.float32),
-        'pos_embed': rng.normal(0, 0.1, (1, tokens, d)).astype(np.float32),
-        'patch_embed.proj.weight': w(d, c.in_chans, c.patch, c.patch),
-        'patch_embed.proj.bias': b(d)}
-  for i in range(depth or c.depth):
-    p = f'blocks.{i}.'
-    sd.update({p + 'norm1.weight': scale(d), p + 'norm1.bias': b(d),
-               p + 'attn.qkv.weight': w(3 * d, d), p + 'attn.qkv.bias': b(3 * d),
-               p + 'attn.proj.weight': w(d, d), p + 'attn.proj.bias': b(d),
-               p + 'norm2.weight': scale(d), p + 'norm2.bias': b(d),
-               p + 'mlp.fc1.weight': w(hidden, d), p + 'mlp.fc1.bias': b(hidden),
-               p + 'mlp.fc2.weight': w(d, hidden), p + 'mlp.fc2.bias': b(d)})
-  sd.update({'norm.weight': scale(d), 'norm.bias': b(d),
-             'head.weight': w(num_classes, d), 'head.bias': b(num_classes)})
-  return sd
-
-
-def timm_to_hf(sd, *, old_names=False):
-  """Independent timm -> Hugging Face mapping (transformers 5 modules, or hub-file names)."""
-  out = {}
-  for k, v in sd.items():
-    parts = k.split('.')
-    if k == 'cls_token':
-      out['vit.embeddings.cls_token'] = v
-    elif k == 'pos_embed':
-      out['vit.embeddings.position_embeddings'] = v
-    elif k.startswith('patch_embed.proj.'):
-      out['vit.embeddings.patch_embeddings.projection.' + parts[-1]] = v
-    elif k.startswith('norm.'):
-      out['vit.layernorm.' + parts[-1]] = v
-    elif k.startswith('head.'):
-      out['classifier.' + parts[-1]] = v
-    else:
-      i, module, leaf = parts[1], '.'.join(parts[2:-1]), parts[-1]
-      if old_names:
-        p = f'vit.encoder.layer.{i}.'
-        names = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
-                 'attn.proj': 'attention.output.dense', 'mlp.fc1': 'intermediate.dense',
-                 'mlp.fc2': 'output.dense'}
-        qkv = ('attention.attention.query', 'attention.attention.key', 'attention.attention.value')
-      else:
-        p = f'vit.layers.{i}.'
-        names = {'norm1': 'layernorm_before', 'norm2': 'layernorm_after',
-                 'attn.proj': 'attention.o_proj', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2'}
-        qkv = ('attention.q_proj', 'attention.k_proj', 'attention.v_proj')
-      if module == 'attn.qkv':
-        for name, chunk in zip(qkv, np.split(v, 3, axis=0)):
-          out[f'{p}{name}.{leaf}'] = chunk
-      else:
-        out[f'{p}{names[module]}.{leaf}'] = v
-  return out
 
 
 def hf_vit(sd, c):
@@ -112,19 +34,9 @@ def hf_logits(model, images):
     return model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
 
 
-def save_pth(path, sd, wrap=True):
-  tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
-  torch.save({'model': tensors} if wrap else tensors, path)
-  return str(path)
-
-
 def images(seed, c, batch=2):
   rng = np.random.default_rng(1000 + seed)
   return rng.normal(0, 1, (batch, c.image_size, c.image_size, 3)).astype(np.float32)
-
-
-def params_of(model):
-  return config_lib.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 # --- exactness against Hugging Face's PyTorch ViT ---------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from avit_jax import convert
 from avit_jax.convert.torch_io import ConvertError
 from configs import fashion_mnist
-from tests.test_convert import model_config, random_timm, timm_to_hf, save_pth, params_of
+from tests.helpers import model_config, params_of, random_timm, save_pth, timm_to_hf
 
 
 SMALL = dict(depth=2, image_size=32, num_classes=10)
@@ -76,14 +76,18 @@ def test_hf_mismatch_names_the_file_entry():
       '(480, 192)')
 
 
-def test_distilled_deit_is_refused():
+def test_distilled_deit_into_a_plain_model_drops_the_distillation_token():
   c = model_config('tiny', **SMALL)
-  sd = random_timm(17, c)
-  sd['dist_token'] = np.zeros((1, 1, 192), np.float32)
-  sd['head_dist.weight'] = sd['head.weight']
-  with pytest.raises(ConvertError, match=r'^state dict is a distilled DeiT \(dist_token, '
-                     r'head_dist.weight: it has a second, distillation token and head\)'):
-    convert.from_torch(sd, c)
+  plain = random_timm(17, c)
+  distilled = dict(plain)
+  distilled['dist_token'] = np.full((1, 1, 192), 0.5, np.float32)
+  distilled['head_dist.weight'] = 2 * plain['head.weight']
+  distilled['head_dist.bias'] = 2 * plain['head.bias']
+  distilled['pos_embed'] = np.insert(plain['pos_embed'], 1, 0.25, axis=1)
+  got, want = params_of(convert.from_torch(distilled, c)), params_of(convert.from_torch(plain, c))
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -15,9 +15,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from avit_jax.data import sources, pipeline
-from configs import fashion_mnist
+from tests.helpers import MEAN, REPO, STD, data_config, gray_pixels
 
-MEAN, STD = 0.2860, 0.3530
 # Folder names whose sorted order differs from the Fashion-MNIST class ids.
 CLASS_DIRS = {0: 'zeta_tshirt', 1: 'alpha_trouser', 2: 'mid_pullover'}
 FOLDER_LABEL = {1: 0, 2: 1, 0: 2}  # Fashion-MNIST id -> index of its folder in sorted order
@@ -33,30 +32,6 @@ def raw_test(fashion_mnist_dir):
   images = _read_idx(os.path.join(fashion_mnist_dir, 't10k-images-idx3-ubyte.gz'), 16)
   labels = _read_idx(os.path.join(fashion_mnist_dir, 't10k-labels-idx1-ubyte.gz'), 8)
   return images.reshape(-1, 28, 28), labels
-
-
-def _config(data_dir='/usr/share/datasets/fashion-mnist', source='fashion_mnist', plain=True):
-  config = fashion_mnist.get_config()
-  config.data.source = source
-  config.data.data_dir = str(data_dir)
-  if source != 'fashion_mnist':
-    config.data.eval_split = 'validation'
-  config.data.crop_pct = 1.0  # eval sees the stored 28 x 28 pixels
-  config.batch_size = 6
-  config.eval_batch_size = 8
-  if plain:  # no augmentation: train images are the stored pixels
-    config.aug.pad_and_crop = 0
-    config.aug.hflip = False
-  return config
-
-
-def _pixels(images):
-  """Normalised float32 [B, H, W, 3] -> uint8 [B, H, W] (asserting the 3 channels agree)."""
-  pixels = np.round((images * STD + MEAN) * 255).astype(np.int32)
-  np.testing.assert_array_equal(pixels[..., 0], pixels[..., 1])
-  np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])
-  assert pixels.min() >= 0 and pixels.max() <= 255
-  return pixels[..., 0]
 
 
 def _identify(pixels, candidates, tolerance=0.0):
@@ -95,7 +70,7 @@ def folder(tmp_path_factory, raw_test):
 
 def test_fashion_mnist_eval_is_the_idx_data(raw_test):
   images, labels = raw_test
-  config = _config()
+  config = data_config()
   config.num_eval_images = 300
   config.eval_batch_size = 128
   batches = list(pipeline.eval_iterator(config))
@@ -109,7 +84,7 @@ def test_fashion_mnist_eval_is_the_idx_data(raw_test):
   mask = np.concatenate([b['mask'] for b in batches])
   np.testing.assert_array_equal(mask, np.r_[np.ones(300), np.zeros(84)])
   real = mask > 0
-  got = np.concatenate([_pixels(b['images']) for b in batches])[real]
+  got = np.concatenate([gray_pixels(b['images']) for b in batches])[real]
   np.testing.assert_array_equal(got, images[:300])
   np.testing.assert_array_equal(np.concatenate([b['labels'] for b in batches])[real], labels[:300])
   assert pipeline.num_examples(config, 'train') == 60_000
@@ -122,35 +97,35 @@ def test_fashion_mnist_train_labels_match_images(fashion_mnist_dir):
   label_sets = {}
   for image, label in zip(raw.reshape(-1, 784), raw_labels):
     label_sets.setdefault(image.tobytes(), set()).add(int(label))
-  config = _config()
+  config = data_config()
   config.batch_size = 64
   iterator = pipeline.train_iterator(config)
   for _ in range(2):
     b = next(iterator)
     assert b['images'].shape == (64, 28, 28, 3) and b['labels'].dtype == np.int32
-    for pixels, label in zip(_pixels(b['images']).astype(np.uint8), b['labels']):
+    for pixels, label in zip(gray_pixels(b['images']).astype(np.uint8), b['labels']):
       assert int(label) in label_sets[pixels.reshape(-1).tobytes()]
 
 
 def test_light_recipe_shapes_and_range():
-  config = _config(plain=False)  # pad 2 + random crop, flip
+  config = data_config(plain=False)  # pad 2 + random crop, flip
   config.batch_size = 32
   b = next(pipeline.train_iterator(config))
   assert b['images'].shape == (32, 28, 28, 3) and b['images'].dtype == np.float32
   assert b['images'].min() >= -MEAN / STD - 1e-6 and b['images'].max() <= (1 - MEAN) / STD + 1e-6
-  _pixels(b['images'])  # still 3 equal channels
+  gray_pixels(b['images'])  # still 3 equal channels
   assert set(np.unique(b['labels'])) <= set(range(10))
 
 
 def test_folder_eval_labels_and_decoding(folder, raw_test):
   root, stored = folder
   images, labels = raw_test
-  config = _config(root, source='folder')
+  config = data_config(root, source='folder')
   assert pipeline.num_examples(config, 'train') == 24
   assert pipeline.num_examples(config, 'validation') == 6  # 'validation' -> ROOT/val
   batches = list(pipeline.eval_iterator(config))
   assert [b['mask'].sum() for b in batches] == [6.0]
-  pixels = _pixels(batches[0]['images'])[:6]
+  pixels = gray_pixels(batches[0]['images'])[:6]
   np.testing.assert_array_equal(pixels, images[stored['val']])  # PNG: exact
   want = [FOLDER_LABEL[int(labels[i])] for i in stored['val']]
   np.testing.assert_array_equal(batches[0]['labels'][:6], want)
@@ -169,7 +144,7 @@ def _train_indices(config, stored, raw, steps, **kwargs):
   for _ in range(steps):
     b = next(iterator)
     # Gray and CMYK JPEGs are lossy: match them to the nearest stored image.
-    found.append(stored[_identify(_pixels(b['images']), raw[stored], tolerance=3.0)])
+    found.append(stored[_identify(gray_pixels(b['images']), raw[stored], tolerance=3.0)])
     labels.append(b['labels'])
   return np.stack(found), np.stack(labels)
 
@@ -177,7 +152,7 @@ def _train_indices(config, stored, raw, steps, **kwargs):
 def test_folder_shards_disjoint_cover_and_epochs(folder, raw_test):
   root, stored = folder
   images, labels = raw_test
-  config = _config(root, source='folder')  # batch 6 over 2 processes: 3 each, 4 steps / epoch
+  config = data_config(root, source='folder')  # batch 6 over 2 processes: 3 each, 4 steps / epoch
   seen = []
   for host in range(2):
     found, got_labels = _train_indices(config, stored['train'], images, 8, process_index=host,
@@ -193,7 +168,7 @@ def test_folder_shards_disjoint_cover_and_epochs(folder, raw_test):
 
 def test_resume_gives_the_same_batches_deit_recipe(folder):
   root, _ = folder
-  config = _config(root, source='folder', plain=False)
+  config = data_config(root, source='folder', plain=False)
   config.model.image_size = 32
   config.aug.random_resized_crop = True
   config.aug.randaug = 'rand-m9-mstd0.5-inc1'
@@ -210,7 +185,7 @@ def test_resume_gives_the_same_batches_deit_recipe(folder):
 
 def test_resume_mid_epoch_and_seed(folder):
   root, _ = folder
-  config = _config(root, source='folder', plain=False)
+  config = data_config(root, source='folder', plain=False)
   run = [b for _, b in zip(range(3), pipeline.train_iterator(config))]
   resumed = next(pipeline.train_iterator(config, start_step=2))
   np.testing.assert_array_equal(resumed['images'], run[2]['images'])
@@ -221,7 +196,7 @@ def test_resume_mid_epoch_and_seed(folder):
 
 def test_fashion_mnist_eval_shards_pad_to_equal_batches(raw_test):
   images, labels = raw_test
-  config = _config()
+  config = data_config()
   config.num_eval_images = 101
   config.eval_batch_size = 20  # 10 per process; 51 and 50 examples -> 6 batches each
   real = []
@@ -230,7 +205,7 @@ def test_fashion_mnist_eval_shards_pad_to_equal_batches(raw_test):
     assert len(batches) == 6 and batches[0]['images'].shape == (10, 28, 28, 3)
     mask = np.concatenate([b['mask'] for b in batches]) > 0
     assert mask.sum() == 51 - host
-    pixels = np.concatenate([_pixels(b['images']) for b in batches])[mask]
+    pixels = np.concatenate([gray_pixels(b['images']) for b in batches])[mask]
     index = _identify(pixels, images[:101])
     np.testing.assert_array_equal(np.concatenate([b['labels'] for b in batches])[mask],
                                   labels[index])
@@ -250,7 +225,7 @@ def test_corrupt_images_are_skipped_and_named(tmp_path, raw_test, caplog):
   good = io.BytesIO()
   Image.fromarray(images[0]).save(good, 'JPEG')
   (tmp_path / 'train' / 'b' / 'truncated.JPEG').write_bytes(good.getvalue()[:100])
-  config = _config(tmp_path, source='folder')
+  config = data_config(tmp_path, source='folder')
   config.batch_size = 4  # 8 files: 2 steps per epoch
   caplog.set_level(logging.WARNING)
   iterator = pipeline.train_iterator(config)
@@ -260,7 +235,7 @@ def test_corrupt_images_are_skipped_and_named(tmp_path, raw_test, caplog):
   assert 'broken.JPEG' in messages and 'truncated.JPEG' in messages
   assert sum('Skipped' in r.getMessage() for r in caplog.records) == 4
   for b in batches:  # every slot holds a readable image with its own label
-    np.testing.assert_array_equal(_identify(_pixels(b['images']), images[:3]) >= 0, True)
+    np.testing.assert_array_equal(_identify(gray_pixels(b['images']), images[:3]) >= 0, True)
   caplog.clear()
   batches = list(pipeline.eval_iterator(config))
   assert sum(b['mask'].sum() for b in batches) == 6
@@ -279,7 +254,7 @@ def test_missing_data_errors(tmp_path, monkeypatch):
   monkeypatch.setattr(sources.socket, 'create_connection', refuse)
   start = time.monotonic()
   with pytest.raises(FileNotFoundError) as error:
-    pipeline.num_examples(_config(tmp_path / 'fm'), 'train')
+    pipeline.num_examples(data_config(tmp_path / 'fm'), 'train')
   assert time.monotonic() - start < 10
   idx = [str(tmp_path / 'fm' / f'train-{k}-idx{n}-ubyte{s}') for s in ('.gz', '')
          for k, n in (('images', 3), ('labels', 1))]
@@ -293,22 +268,22 @@ def test_missing_data_errors(tmp_path, monkeypatch):
       '--config.data.data_dir to it.')
 
   with pytest.raises(FileNotFoundError, match='ROOT/train'):
-    pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
+    pipeline.num_examples(data_config(tmp_path, source='folder'), 'train')
   os.makedirs(tmp_path / 'train' / 'empty_class')
   with pytest.raises(ValueError, match='empty_class holds no images'):
-    pipeline.num_examples(_config(tmp_path, source='folder'), 'train')
-  config = _config()
+    pipeline.num_examples(data_config(tmp_path, source='folder'), 'train')
+  config = data_config()
   config.data.source = 'mnist'
   with pytest.raises(ValueError) as error:
     pipeline.train_iterator(config)
   assert str(error.value) == ("config.data.source='mnist' is invalid: expected one of "
                               "('imagenet2012', 'folder', 'fashion_mnist')")
   with pytest.raises(ValueError, match='multiple of the number of processes'):
-    pipeline.train_iterator(_config(), process_index=0, process_count=4)
+    pipeline.train_iterator(data_config(), process_index=0, process_count=4)
 
 
 def test_benchmark_reports_rates():
-  config = _config(plain=False)
+  config = data_config(plain=False)
   config.eval_batch_size = 100
   rates = pipeline.benchmark(config, num_batches=3)
   assert set(rates) == {'train', 'eval'} and all(r > 0 for r in rates.values())
@@ -342,7 +317,7 @@ def _fake_imagenet_archives(manual_dir):
 @pytest.mark.slow
 def test_imagenet2012_through_tfds(tmp_path):
   _fake_imagenet_archives(tmp_path / 'manual')
-  config = _config(tmp_path / 'data', source='imagenet2012')
+  config = data_config(tmp_path / 'data', source='imagenet2012')
   with pytest.raises(FileNotFoundError, match='is not prepared'):
     pipeline.train_iterator(config)
   with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar'):
@@ -372,7 +347,6 @@ def test_imagenet2012_through_tfds(tmp_path):
     assert sum(b['mask'].sum() for b in batches) == 5
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('case', ['wrong_split', 'missing_imagenet'])

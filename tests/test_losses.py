@@ -22,8 +22,10 @@ def test_prior_target_matches_hand_computed_gaussian():
 
 
 def test_prior_target_rejects_depth_outside_model():
-  with pytest.raises(ValueError, match=r'prior_target_depth must be in \(0, 6\]'):
+  with pytest.raises(config_lib.ConfigError) as e:
     losses.prior_target(6, 8, 1.0)
+  assert str(e.value) == ('config.loss.prior_target_depth=8 is invalid: expected a value in '
+                          '(0, 6] for a depth-6 model')
 
 
 def test_prior_loss_matches_torch_kldiv_batchmean():

@@ -150,7 +150,8 @@ class ModelTest(chex.TestCase):
       model(jnp.zeros((2, 16, 16, 3), jnp.uint8))
 
   def test_invalid_model_config_fails_before_building(self):
-    with self.assertRaisesRegex(ValueError, 'model.patch=5 must divide model.image_size=16'):
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'^config.model.patch=5 is invalid: it must divide model.image_size=16$'):
       models.create(small_config(patch=5))
     with self.assertRaisesRegex(ValueError, r'config.model.gate_scale=0.0 is invalid: expected > 0'):
       models.create(small_config(gate_scale=0.0))

@@ -5,8 +5,10 @@ imagenet_finetune_tpu.ipynb runs up to the cell that needs ImageNet (a random De
 stands in for the download) and must stop there with its message.
 """
 
+import ast
 import json
 import os
+import re
 import sys
 
 import nbformat
@@ -17,6 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(ROOT, 'colab')
 NOTEBOOKS = ('quickstart.ipynb', 'imagenet_finetune_tpu.ipynb')
 KERNEL = 'avit-jax-test'
+# What a notebook may use: the documented commands (README, docs/) and the documented Python
+# API, the trainer's excepted (a notebook trains through the command, as a user does).
+PUBLIC_COMMANDS = {'avit_jax.main', 'avit_jax.visualize', 'avit_jax.convert',
+                   'avit_jax.benchmark', 'avit_jax.tradeoff', 'avit_jax.checkpoints',
+                   'avit_jax.input_pipeline'}
+PUBLIC_MODULES = {'avit_jax', 'avit_jax.models', 'avit_jax.inference', 'avit_jax.checkpoints',
+                  'avit_jax.convert', 'avit_jax.visualize', 'avit_jax.command_line',
+                  'avit_jax.data.pipeline', 'avit_jax.analysis.figures',
+                  'avit_jax.analysis.plots', 'avit_jax.configs'}
 
 
 def _read(name):
@@ -43,11 +54,44 @@ def test_notebook_is_clean_and_says_runtime_and_duration(name):
   assert nb.cells.index(params) == 1, 'the parameters cell comes right after the title'
   for name_ in ('SMOKE', 'INSTALL', 'WORKDIR', 'NUM_TRAIN_STEPS'):
     assert f'\n{name_} = ' in '\n' + params.source
-  # Public CLI only: every command the notebook runs is a `python -m avit_jax.<module>`.
+  # Public CLI and API only: every command it runs is a public `python -m avit_jax.<module>`,
+  # every avit_jax module it imports (in any form) is a public one.
   source = '\n'.join(c.source for c in code)
-  modules = {m for m in ('main', 'visualize', 'convert', 'benchmark')
-             if f"'avit_jax.{m}'" in source}
-  assert modules and 'import avit_jax.training.train' not in source
+  commands = set(re.findall(r"-m['\"]?,?\s*['\"]?(avit_jax[\w.]*)", source))
+  assert commands and commands <= PUBLIC_COMMANDS, commands - PUBLIC_COMMANDS
+  imported = _avit_jax_imports(source)
+  assert imported <= PUBLIC_MODULES, f'{name} imports non-public {imported - PUBLIC_MODULES}'
+
+
+def _avit_jax_imports(source: str) -> set[str]:
+  """Every avit_jax module or name a notebook's code imports, as a dotted name: `import
+  avit_jax.a.b` -> avit_jax.a.b, `from avit_jax.a import b` -> avit_jax.a.b (a submodule or a
+  name of avit_jax.a), `from avit_jax import a` -> avit_jax.a; bare `import avit_jax` is
+  allowed. Shell (`!`) and magic (`%`) lines are read as `pass`."""
+  python = '\n'.join(line[:len(line) - len(line.lstrip())] + 'pass'
+                     if line.lstrip().startswith(('!', '%')) else line
+                     for line in source.splitlines())
+  names = set()
+  for node in ast.walk(ast.parse(python)):
+    if isinstance(node, ast.Import):
+      names |= {a.name for a in node.names if a.name.startswith('avit_jax.')}
+    elif isinstance(node, ast.ImportFrom) and (node.module or '').split('.')[0] == 'avit_jax':
+      names |= {f'{node.module}.{a.name}' for a in node.names}
+  # A name taken from a public module is public too (`from avit_jax.models import AViT`).
+  return {n for n in names if n.rsplit('.', 1)[0] not in PUBLIC_MODULES - {'avit_jax'}}
+
+
+def test_import_check_catches_every_form():
+  """The check above on the ways one can import a module that is not public."""
+  for line in ('from avit_jax import train', 'import avit_jax.training.train',
+               'from avit_jax.training import train', 'import avit_jax.training.train as t',
+               'from avit_jax.training.train import train_and_evaluate',
+               'if True:\n  from avit_jax import data'):
+    assert _avit_jax_imports(line + '\n!ls\n') - PUBLIC_MODULES, line
+  for line in ('from avit_jax import models, inference', 'import avit_jax',
+               'from avit_jax.analysis import plots', 'from avit_jax.models import AViT',
+               'import numpy as np'):
+    assert not _avit_jax_imports(line) - PUBLIC_MODULES, line
 
 
 def _kernel(tmp_path, monkeypatch):

@@ -22,18 +22,10 @@ import pytest
 from avit_jax import checkpoints, config_lib
 from avit_jax.data import pipeline
 from avit_jax.training import train
-from tests.helpers import REPO, CommandRun
-from tests.test_train import sigterm_at, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, CommandRun, sigterm_at, tiny_config
 
-TOTAL_STEPS = 12
-# The same tiny run as tests/test_train.py's tiny_config, as command-line overrides.
-FLAGS = {
-    'model.dim': 32, 'model.depth': 2, 'model.heads': 2, 'model.patch': 7,
-    'loss.prior_target_depth': 2, 'batch_size': 32, 'eval_batch_size': 64,
-    'num_train_steps': TOTAL_STEPS, 'num_eval_images': 128, 'log_every_steps': 1,
-    'eval_every_steps': TOTAL_STEPS, 'checkpoint_every_steps': 2, 'keep_checkpoints': 100,
-    'write_depth_maps': False, 'optimizer.warmup_epochs': 0.0, 'optimizer.lr': 3e-2,
-}
+FLAGS = TINY_FLAGS
+TOTAL_STEPS = FLAGS['num_train_steps']
 STEP_LINE = re.compile(r'step (\d+)/\d+ epoch [\d.]+ \| (loss \S+ \(ce \S+ ponder \S+ prior \S+\)) '
                        r'\| depth (\S+)')
 # Stalls orbax's atomic finalisation (the rename of the temporary step directory) of one

@@ -12,7 +12,7 @@ from avit_jax import tradeoff as tradeoff_command
 from avit_jax.data import pipeline
 from avit_jax.analysis import tradeoff
 from avit_jax.training import train
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope='module')

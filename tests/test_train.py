@@ -1,12 +1,12 @@
 """Training: schedule and decay mask by hand, a real short run, resume after preemption, eval-only,
 8 vs 1 device."""
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -19,35 +19,9 @@ from flax import nnx
 
 from avit_jax import checkpoints, config_lib, models
 from avit_jax.checkpoints import finetune
-from avit_jax.data import pipeline
 from avit_jax.training import optim, sharding, train
 from configs import fashion_mnist
-
-
-def tiny_config(**overrides):
-  config = fashion_mnist.get_config()
-  config.model.dim = 32
-  config.model.depth = 3
-  config.model.heads = 2
-  config.model.patch = 7
-  config.loss.prior_target_depth = 2
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_train_steps = 8
-  config.num_eval_images = 256
-  config.log_every_steps = 4
-  config.eval_every_steps = 8
-  config.checkpoint_every_steps = 4
-  config.write_depth_maps = False
-  config.optimizer.warmup_epochs = 0.0
-  config.optimizer.lr = 3e-2  # scaled by 32 / 512: a visible drop in 8 steps
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+from tests.helpers import sigterm_at, tiny_config
 
 
 def test_schedule_matches_hand_values():
@@ -86,19 +60,6 @@ def _params(state):
   return jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
 
 
-def sigterm_at(monkeypatch, step: int) -> None:
-  """The training data sends this process SIGTERM while it fetches the batch of `step`
-  (0-based): the run then stops as a preempted one does, right after that step."""
-  real = pipeline.train_iterator
-
-  def iterator(config, *, start_step=0, **kwargs):
-    for s, batch in enumerate(real(config, start_step=start_step, **kwargs), start_step):
-      if s == step:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-  monkeypatch.setattr(pipeline, 'train_iterator', iterator)
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, fashion_mnist_dir):
   """One uninterrupted 8-step run, shared by the tests below."""
@@ -127,7 +88,8 @@ def test_short_run_writes_eval_json_and_checkpoints(trained):
   assert len(written['active_token_fraction_per_layer']) == 3
   assert written['active_token_fraction_per_layer'][0] == 1.0
   assert 1.0 <= written['mean_token_depth'] <= 3.0
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) >= ['4', '8']
+  # Checkpoints every 4 of 8 steps, both kept (keep_checkpoints defaults to 3).
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['4', '8']
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['dim'] == 32
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
@@ -161,6 +123,23 @@ def test_eval_only_matches_training_eval(trained):
   np.testing.assert_allclose(again['mean_token_depth'], metrics['mean_token_depth'], rtol=1e-6)
 
 
+@contextlib.contextmanager
+def backend_compiles():
+  """The names of the functions XLA compiles inside the block (jax.monitoring's compile
+  events: one per compilation, none for a cached executable)."""
+  names = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      names.append(kwargs.get('fun_name', ''))
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_eight_devices_and_fsdp_match_one_device(fashion_mnist_dir):
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 fake CPU devices'
   # Adam with eps 1e-8 maps a near-zero gradient's rounding noise to a +-lr step (the key
@@ -175,10 +154,11 @@ def test_eight_devices_and_fsdp_match_one_device(fashion_mnist_dir):
     config.mesh.fsdp = fsdp
     program, state = train.prepare_training(config, devices)
     losses = []
-    for batch in batches:
-      state, metrics = program.train_step(state, sharding.global_batch(batch, program.mesh))
-      losses.append(float(metrics['loss']))
-    assert program.train_step._cache_size() == 1  # compiled once
+    with backend_compiles() as compiled:
+      for batch in batches:
+        state, metrics = program.train_step(state, sharding.global_batch(batch, program.mesh))
+        losses.append(float(metrics['loss']))
+    assert [name for name in compiled if 'train_step' in name] == ['jit(train_step)'], compiled
     if fsdp > 1:  # parameters really are split: a [D, 3D] kernel lives in halves
       qkv = state.params['blocks'][0]['attn']['qkv']['kernel']
       assert qkv[...].sharding.shard_shape(qkv[...].shape) == (32, 48)
@@ -239,8 +219,8 @@ def test_init_from_fits_head_and_pos_embed_to_the_model(tmp_path, caplog):
 
 def test_train_and_evaluate_from_python_logs_its_progress(tmp_path, fashion_mnist_dir):
   """Called from a script (no absl flags parsed), it prints the command's step and eval lines."""
-  script = (f'from tests.test_train import tiny_config\n'
-            f'from avit_jax import train\n'
+  script = (f'from tests.helpers import tiny_config\n'
+            f'from avit_jax.training import train\n'
             f'train.train_and_evaluate(tiny_config(**{{"data.data_dir": {fashion_mnist_dir!r}}}), '
             f'{str(tmp_path / "run")!r})\n')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,7 +240,7 @@ def test_logged_images_per_second_count_training_steps_only(tmp_path, monkeypatc
   clock = [0.0]
   monkeypatch.setattr(train, 'time', type('FakeTime', (), {
       'perf_counter': staticmethod(lambda: clock[0])}))
-  real_prepare, real_evaluate = train.prepare_training, train.evaluate
+  real_prepare, real_evaluate = train.prepare_training, train.evaluate_split
 
   def prepare(config, devices=None):
     program, state = real_prepare(config, devices)

@@ -272,7 +272,6 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 def test_cli_eval_split(tmp_path, fashion_mnist_dir):
-  pytest.importorskip('avit_jax.input_pipeline', reason='needs the input pipeline (issue 3)')
   config, model, _ = _model_and_images()
   _save_checkpoint(str(tmp_path / 'work'), model, config, 2)
   out = tmp_path / 'figs'

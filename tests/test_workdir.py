@@ -12,7 +12,7 @@ import pytest
 from avit_jax import checkpoints
 from avit_jax.training import train
 from avit_jax.training.workdir import Workdir
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ]; then
   echo "bootstrap: creating .venv and installing avit_jax[test] (pinned by constraints.txt)" >&2
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  # torch first and alone: 2.13.0 is the CPU build on local disk here.
+  # torch first and alone, at its pinned version, so the packages after it find it installed.
   .venv/bin/pip install -q -c constraints.txt torch==2.13.0
   .venv/bin/pip install -q -c constraints.txt -e '.[test]'
   rm -f .venv/.installed-*

@@ -7,7 +7,9 @@ Runs the default config's eval split (Fashion-MNIST test, 10,000 images) through
 prints, per window of --window images: resident memory now (RSS) and its peak so far
 (VmHWM), images per second and the number of programs compiled so far. The first window
 includes compilation; the summary compares the first warm window (the first that compiled
-nothing) with the last. CPU ms per image is the steadier number on a shared machine. Without --checkpoint the model is the config's freshly initialised one (seed 0).
+nothing) with the last. CPU ms per image is the steadier number on a shared machine.
+With --checkpoint (a checkpoint directory or a training workdir) the model is the one
+`models.load` gives; without, the config's freshly initialised model (seed 0).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from avit_jax import checkpoints, inference, models# noqa: E402
-from avit_jax.data import pipeline
+from avit_jax import inference, models  # noqa: E402
+from avit_jax.data import pipeline  # noqa: E402
 from configs import fashion_mnist  # noqa: E402
 
 
@@ -86,16 +88,16 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--images', type=int, default=20_000)
   parser.add_argument('--window', type=int, default=2_000)
-  # capacity needs calibrated budgets: not a soak mode.
   parser.add_argument('--mode', default='compact', choices=('dense', 'masked', 'compact'))
-  parser.add_argument('--checkpoint', default='', help='parameter checkpoint (default: init)')
+  parser.add_argument('--checkpoint', default='',
+                      help='checkpoint directory or training workdir (default: init)')
   parser.add_argument('--json', action='store_true', help='print the summary as JSON')
   args = parser.parse_args()
   config = fashion_mnist.get_config()
-  model = models.create(config.model, seed=0)
   if args.checkpoint:
-    params, _ = checkpoints.load_params(args.checkpoint)
-    checkpoints.assign_params(model, params, f'checkpoint {args.checkpoint}')
+    model, _ = models.load(args.checkpoint)
+  else:
+    model = models.create(config.model, seed=0)
   result = soak(config, model, images=args.images, window=args.window, mode=args.mode)
   summary = {k: v for k, v in result.items() if k != 'windows'}
   if args.json:
