@@ -12,7 +12,7 @@ from avit_jax.models.avit import AViT, AViTOutput
 from avit_jax.models.vit import VisionTransformer
 
 __all__ = ['AViT', 'AViTOutput', 'VisionTransformer', 'check_config', 'create', 'from_params', 'load',
-           'model_kwargs', 'num_tokens']
+           'model_kwargs', 'num_prefix_tokens', 'num_tokens']
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _POSITIVE_INTS = ('image_size', 'patch', 'dim', 'depth', 'heads', 'num_classes', 'in_chans')
@@ -40,9 +40,16 @@ def check_config(model_config: ml_collections.ConfigDict) -> None:
     raise invalid('drop_path_rate', 'expected a value in [0, 1)')
 
 
+def num_prefix_tokens(model_config: ml_collections.ConfigDict) -> int:
+  """The tokens before the patches: the class token, and the distillation token of a
+  distilled model."""
+  return 2 if model_config.get('distilled', False) else 1
+
+
 def num_tokens(model_config: ml_collections.ConfigDict) -> int:
-  """N: the class token plus one token per patch, (image_size / patch)^2 + 1."""
-  return (model_config.image_size // model_config.patch) ** 2 + 1
+  """N: the special tokens plus one token per patch, (image_size / patch)^2 + 1 (+ 1 when
+  distilled)."""
+  return (model_config.image_size // model_config.patch) ** 2 + num_prefix_tokens(model_config)
 
 
 def model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
@@ -51,7 +58,8 @@ def model_kwargs(model_config: ml_collections.ConfigDict) -> dict:
   c = model_config
   return dict(
       image_size=c.image_size, patch=c.patch, in_chans=c.in_chans, dim=c.dim, depth=c.depth,
-      heads=c.heads, mlp_ratio=c.mlp_ratio, num_classes=c.num_classes, drop_rate=c.drop_rate,
+      heads=c.heads, mlp_ratio=c.mlp_ratio, num_classes=c.num_classes,
+      distilled=c.get('distilled', False), drop_rate=c.drop_rate,
       attn_drop_rate=c.attn_drop_rate, drop_path_rate=c.drop_path_rate,
       halting=c.halting, gate_scale=c.gate_scale, gate_center=c.gate_center, eps=c.eps,
       dtype=_DTYPES[c.dtype])

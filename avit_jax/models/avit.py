@@ -24,8 +24,8 @@ class AViTOutput:
   ponder: float32 [B, N], rho = depth + remainder at the halting layer.
   halting_mean: float32 [L], mean halting score per layer over images and tokens (prior).
   halting_scores: float32 [B, L, N], each layer's score before the last-layer override.
-  tokens_cut: int32 [B], tokens of each image a token budget halted early (inference mode
-  'capacity'); None where nothing can be cut.
+  dist_logits: float32 [B, C], the distillation head's logits (distilled models only; the
+  logits are then the mean of both heads in eval mode, the class head's in training mode).
   With halting off: depth = L, ponder = L, halting_mean and halting_scores are zero.
   """
   logits: jax.Array
@@ -33,7 +33,7 @@ class AViTOutput:
   ponder: jax.Array
   halting_mean: jax.Array
   halting_scores: jax.Array
-  tokens_cut: jax.Array | None = None
+  dist_logits: jax.Array | None = None
 
 
 class AViT(VisionTransformer):
@@ -78,15 +78,20 @@ class AViT(VisionTransformer):
     b = images.shape[0]
     n, depth = self.num_tokens, self.depth
     if not self.halting:
-      logits = self.forward_head(self.forward_features(images))
+      logits, dist_logits = self.forward_heads(self.forward_features(images))
       full = jnp.full((b, n), float(depth), jnp.float32)
       return AViTOutput(logits=logits, token_depth=full, ponder=full,
                         halting_mean=jnp.zeros((depth,), jnp.float32),
-                        halting_scores=jnp.zeros((b, depth, n), jnp.float32))
+                        halting_scores=jnp.zeros((b, depth, n), jnp.float32),
+                        dist_logits=dist_logits)
     state, output, scores = self.run_halting(self.embed(images))
+    # Every token keeps its own accumulated output: the heads read the class token's and
+    # the distillation token's.
     features = self.norm(output.astype(self.dtype))
+    logits, dist_logits = self.forward_heads(features)
     return AViTOutput(
-        logits=self.forward_head(features),
+        logits=logits,
+        dist_logits=dist_logits,
         token_depth=state.depth,
         ponder=state.ponder,
         halting_mean=scores.mean(axis=(1, 2)),

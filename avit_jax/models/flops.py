@@ -2,7 +2,7 @@
 
 Convention behind DeiT-T's "1.3 GFLOPs" (docs/algorithm.md "FLOPs"): patch embedding, then
 per layer qkv, proj, fc1, fc2 for each active token plus attention (QK^T and AV) among the
-active tokens, then the head. LayerNorm, softmax, GELU and additions are not counted. The
+active tokens, then the head (both heads of a distilled model). LayerNorm, softmax, GELU and additions are not counted. The
 `gflops_*` names (also of eval.json's fields) count these multiply-accumulates, the
 convention of the published numbers. No timing here.
 """
@@ -19,8 +19,9 @@ from avit_jax import models
 def _geometry(model_config: ml_collections.ConfigDict):
   c = model_config
   tokens = models.num_tokens(c)
-  embed = (tokens - 1) * c.patch * c.patch * c.in_chans * c.dim
-  return tokens, embed, c.dim * c.num_classes
+  embed = (c.image_size // c.patch) ** 2 * c.patch * c.patch * c.in_chans * c.dim
+  heads = models.num_prefix_tokens(c)  # a distilled model has a second head
+  return tokens, embed, heads * c.dim * c.num_classes
 
 
 def block_macs(mlp_rows, attention_rows, attention_pairs,

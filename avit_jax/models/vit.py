@@ -1,8 +1,8 @@
 """DeiT / ViT backbone with timm's structure, names and numerics (flax.nnx, NHWC).
 
 Attribute names follow timm (`patch_embed.proj`, `cls_token`, `pos_embed`,
-`blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `head`), so weight
-conversion is a rename-and-transpose table. Every block takes an optional token mask:
+`blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, `head`; a distilled
+DeiT adds `dist_token` and `head_dist`), so weight conversion is a rename-and-transpose table. Every block takes an optional token mask:
 with a mask, halted tokens are zeroed around both LayerNorms and removed as attention
 keys, which is what A-ViT's halting needs; without one it is plain DeiT.
 """
@@ -26,8 +26,9 @@ def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU written as PyTorch computes it, x / 2 * (1 + erf(x / sqrt(2))).
 
-  The same function as jax.nn.gelu(approximate=False), which goes through erfc: on XLA CPU
-  this form runs 2.4x faster and makes a training step of the default model ~10% faster.
+  The same function as jax.nn.gelu(approximate=False), which goes through erfc: XLA on CPU
+  computes erf much more cheaply than erfc, and the MLP's GELU is a visible share of every
+  forward and training step.
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * 2 ** -0.5))
 
@@ -75,22 +76,24 @@ class Attention(nnx.Module):
     """
     b, n, d3 = qkv.shape
     d = d3 // 3
-    # Head-major [3, B, h, N, Dh] before the two matmuls: on CPU this layout runs attention
-    # 1.3x (8 images) to 1.6x (64 images) faster than einsums over [B, N, h, Dh].
+    # Head-major [3, B, h, N, Dh] before the two matmuls: each matmul then runs over
+    # contiguous [N, Dh] blocks per head, which XLA on CPU does faster than einsums over
+    # [B, N, h, Dh] that transpose inside every matmul.
     qkv = qkv.reshape(b, n, 3, self.heads, d // self.heads).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
     logits = jnp.einsum('bhqd,bhkd->bhqk', q * self.scale, k)
     if key_mask is not None:
       # A removed key gets exactly zero weight, as if it were not in the sequence: exp of
       # (the most negative float + a logit) underflows to 0. Added rather than selected,
-      # which XLA on CPU fuses into the attention matmuls (a select costs 1.7x the
-      # attention). A row with every key removed stays finite (uniform weights).
+      # which XLA on CPU fuses into the attention matmuls (a select would be a kernel of
+      # its own over the [.., N, N] logits). A row with every key removed stays finite
+      # (uniform weights).
       bias = jnp.where(key_mask.astype(bool), 0.0, jnp.finfo(logits.dtype).min)
       logits = logits + bias[:, None, None, :].astype(logits.dtype)
     # Softmax normalised after the weighted sum, exp(logits - max) @ v / sum(exp(...)): the
-    # same function, but XLA on CPU then runs the whole core as one kernel wherever the
-    # layout is large enough (compact.GROUP_FLOATS), 17-30% faster there (DeiT-T dense
-    # 11-17% faster), where dividing the [.., N, N] weights first kept it in four.
+    # same function, but XLA on CPU can then run the whole core as one kernel for a large
+    # enough layout (the one compact mode's attention groups are sized for), where dividing
+    # the [.., N, N] weights first splits it into several and writes them out in between.
     logits = logits.astype(jnp.float32)
     weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     total = jnp.sum(weights, axis=-1, keepdims=True)
@@ -161,18 +164,30 @@ class Block(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-  """DeiT without halting: `forward_features` -> final-norm tokens, `forward_head` -> logits."""
+  """DeiT without halting: `forward_features` -> final-norm tokens, `forward_head` -> logits.
+
+  `distilled`: DeiT's distillation token after the class token, read by a second head
+  (timm's VisionTransformerDistilled): in eval mode the logits are the mean of both heads,
+  in training mode the class head's, with head_dist's beside them.
+  """
 
   def __init__(self, *, image_size: int, patch: int, in_chans: int, dim: int, depth: int,
                heads: int, mlp_ratio: float, num_classes: int, drop_rate: float,
-               attn_drop_rate: float, drop_path_rate: float, dtype, rngs: nnx.Rngs):
+               attn_drop_rate: float, drop_path_rate: float, dtype, rngs: nnx.Rngs,
+               distilled: bool = False):
     self.image_size = image_size
     self.in_chans = in_chans
     self.dtype = dtype
+    self.distilled = distilled
+    # Switched by model.train() / model.eval() (nnx sets `deterministic` on every module
+    # that has it): which logits a distilled model returns.
+    self.deterministic = False
     self.num_patches = (image_size // patch) ** 2
     self.patch_embed = PatchEmbed(patch, in_chans, dim, dtype=dtype, rngs=rngs)
     key = rngs.params()
     self.cls_token = nnx.Param(1e-6 * jax.random.normal(key, (1, 1, dim), jnp.float32))
+    if distilled:
+      self.dist_token = nnx.Param(_trunc_normal(rngs.params(), (1, 1, dim), jnp.float32))
     self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, self.num_tokens, dim),
                                              jnp.float32))
     self.pos_drop = nnx.Dropout(drop_rate, rngs=rngs)
@@ -183,15 +198,22 @@ class VisionTransformer(nnx.Module):
               drop_path=rate, dtype=dtype, rngs=rngs) for rate in rates])
     self.norm = _layer_norm(dim, dtype, rngs)
     self.head = _linear(dim, num_classes, dtype, rngs)
+    if distilled:
+      self.head_dist = _linear(dim, num_classes, dtype, rngs)
 
   @property
   def depth(self) -> int:
     return len(self.blocks)
 
   @property
+  def num_prefix_tokens(self) -> int:
+    """The tokens before the patches: the class token (and the distillation token)."""
+    return 2 if self.distilled else 1
+
+  @property
   def num_tokens(self) -> int:
-    """N: the class token and one token per patch."""
-    return self.num_patches + 1
+    """N: the special tokens and one token per patch."""
+    return self.num_patches + self.num_prefix_tokens
 
   def check_images(self, images: jax.Array) -> None:
     """Raises ValueError unless images is float [B, S, S, C] for this model."""
@@ -205,11 +227,14 @@ class VisionTransformer(nnx.Module):
                        'normalising')
 
   def embed(self, images: jax.Array) -> jax.Array:
-    """Patch embedding + class token + position embedding: [B, S, S, C] -> [B, N, D]."""
+    """Patch embedding + class (and distillation) token + position embedding:
+    [B, S, S, C] -> [B, N, D]."""
     with jax.named_scope('embed'):
       x = self.patch_embed(images.astype(self.dtype))
-      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+      tokens = [self.cls_token] + ([self.dist_token] if self.distilled else [])
+      prefix = [jnp.broadcast_to(t[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+                for t in tokens]
+      x = jnp.concatenate([*prefix, x], axis=1) + self.pos_embed[...].astype(x.dtype)
       return self.pos_drop(x)
 
   def forward_features(self, images: jax.Array) -> jax.Array:
@@ -219,9 +244,21 @@ class VisionTransformer(nnx.Module):
     return self.norm(x)
 
   def forward_head(self, features: jax.Array) -> jax.Array:
-    """Class-token features [B, N, D] -> logits float32 [B, C]."""
+    """Final-norm features [B, N, D] (or of the special tokens only) -> logits float32
+    [B, C] (`forward_heads`' first output)."""
+    return self.forward_heads(features)[0]
+
+  def forward_heads(self, features: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Final-norm features [B, N, D] (or of the special tokens only) -> (logits,
+    dist_logits), float32 [B, C]: the class head's logits and None, or for a distilled model
+    head_dist's logits beside the mean of both heads (eval mode) or the class head's
+    (training mode), as timm's distilled DeiT returns them."""
     with jax.named_scope('head'):
-      return self.head(features[:, 0]).astype(jnp.float32)
+      logits = self.head(features[:, 0]).astype(jnp.float32)
+      if not self.distilled:
+        return logits, None
+      dist_logits = self.head_dist(features[:, 1]).astype(jnp.float32)
+      return (logits + dist_logits) / 2 if self.deterministic else logits, dist_logits
 
   def __call__(self, images: jax.Array) -> jax.Array:
     self.check_images(images)

@@ -41,9 +41,11 @@ class MetricWriter:
                  {'train/nonfinite_steps': nonfinite_steps})
     speed = '-' if images_per_second is None else f'{images_per_second:.0f}'
     eta = '-' if eta_seconds is None else time.strftime('%H:%M:%S', time.gmtime(eta_seconds))
-    logging.info('step %d/%d epoch %.2f | loss %.4f (ce %.4f ponder %.5f prior %.5f) | '
+    distill = metrics.get('distill_loss', 0.0)
+    terms = f'ce {metrics["ce"]:.4f}' + (f' distill {distill:.4f}' if distill else '')
+    logging.info('step %d/%d epoch %.2f | loss %.4f (%s ponder %.5f prior %.5f) | '
                  'depth %.2f compute %.0f%% | lr %.2e | %s img/s | ETA %s', step, total, epoch,
-                 metrics['loss'], metrics['ce'], metrics['ponder_loss'], metrics['prior_loss'],
+                 metrics['loss'], terms, metrics['ponder_loss'], metrics['prior_loss'],
                  metrics['mean_token_depth'], 100 * metrics['remaining_compute'], metrics['lr'],
                  speed, eta)
 

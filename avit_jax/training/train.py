@@ -189,34 +189,53 @@ def checkpoint_metadata(config: ml_collections.ConfigDict) -> dict:
 
 # --- steps ---------------------------------------------------------------------------------
 
-def loss_terms(out, targets, config: ml_collections.ConfigDict, prior_target) -> dict:
-  """Soft-target CE + ponder + distributional prior (the latter two only with halting)."""
-  ce = losses.soft_target_cross_entropy(out.logits, targets)
-  if not config.model.halting:
-    zero = jnp.zeros((), jnp.float32)
-    return {'ce': ce, 'ponder_loss': zero, 'prior_loss': zero}
-  return {
-      'ce': ce,
-      'ponder_loss': losses.ponder_loss(out.ponder, config.loss.ponder_weight),
-      'prior_loss': losses.prior_loss(out.halting_mean, prior_target, config.loss.prior_weight),
-  }
+def loss_terms(out, targets, config: ml_collections.ConfigDict, prior_target,
+               teacher_logits: jax.Array | None = None) -> dict:
+  """Soft-target CE + ponder + distributional prior (the latter two only with halting).
+
+  A distilled model weighs its two heads as DeiT does: 'ce' is (1 - alpha) x the class
+  head's CE and 'distill_loss' alpha x head_dist's loss against the teacher's logits
+  (losses.distillation_loss), or against the labels when there is no teacher.
+  """
+  zero = jnp.zeros((), jnp.float32)
+  terms = {'ce': losses.soft_target_cross_entropy(out.logits, targets), 'distill_loss': zero,
+           'ponder_loss': zero, 'prior_loss': zero}
+  if config.model.distilled:
+    d = config.distill
+    distill = (losses.soft_target_cross_entropy(out.dist_logits, targets)
+               if teacher_logits is None else
+               losses.distillation_loss(out.dist_logits, teacher_logits, d.kind, d.tau))
+    terms.update(ce=(1 - d.alpha) * terms['ce'], distill_loss=d.alpha * distill)
+  if config.model.halting:
+    terms.update(
+        ponder_loss=losses.ponder_loss(out.ponder, config.loss.ponder_weight),
+        prior_loss=losses.prior_loss(out.halting_mean, prior_target, config.loss.prior_weight))
+  return terms
 
 
-def train_step(state: TrainState, batch: dict, *, graphs: ModelGraphs, tx, lr_schedule,
-               config: ml_collections.ConfigDict, prior_target) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch {images [B,H,W,3], labels [B]}; pure."""
+def train_step(state: TrainState, batch: dict, teacher_params: nnx.State | None, *,
+               graphs: ModelGraphs, tx, lr_schedule, config: ml_collections.ConfigDict,
+               prior_target, teacher: ModelGraphs | None = None) -> tuple[TrainState, dict]:
+  """One optimizer step on a global batch {images [B,H,W,3], labels [B]}; pure. With a
+  `teacher` (graphs, and its frozen `teacher_params`), the teacher's eval-mode logits on the
+  same augmented images are head_dist's targets (loss_terms)."""
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   mix_key, dropout_key = jax.random.split(key)
   targets = losses.smooth_labels(batch['labels'], config.model.num_classes,
                                  float(config.aug.label_smoothing))
   images, targets = augment.mixup_cutmix(mix_key, batch['images'], targets, config.aug)
+  teacher_logits = None
+  if teacher is not None:
+    with jax.named_scope('teacher'):
+      teacher_model = nnx.merge(teacher.eval, teacher_params, teacher.non_params)
+      teacher_logits = jax.lax.stop_gradient(teacher_model(images).logits)
 
   def loss_fn(params):
     # Fresh copies of the RNG variables, so reseeding mutates only this trace's copies.
     model = nnx.merge(graphs.train, params, jax.tree.map(jnp.asarray, graphs.non_params))
     nnx.reseed(model, dropout=dropout_key)
     out = model(images)
-    terms = loss_terms(out, targets, config, prior_target)
+    terms = loss_terms(out, targets, config, prior_target, teacher_logits)
     return sum(terms.values()), (terms, out)
 
   (loss, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -231,7 +250,9 @@ def train_step(state: TrainState, batch: dict, *, graphs: ModelGraphs, tx, lr_sc
   # A non-finite step is never applied: the state keeps its last good values.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  terms_vec = jnp.stack([terms['ce'], terms['ponder_loss'], terms['prior_loss']])
+  # The classification terms (labels and teacher) share the first slot.
+  terms_vec = jnp.stack([terms['ce'] + terms['distill_loss'], terms['ponder_loss'],
+                         terms['prior_loss']])
   first_bad = (state.first_nonfinite < 0) & ~finite
   new_state = TrainState(
       step=state.step + 1,
@@ -261,13 +282,31 @@ def jit_eval_step(graphs: ModelGraphs, model_config, mesh: Mesh, params_sharding
                  out_shardings=sharding.replicated(mesh))
 
 
+def load_teacher(config: ml_collections.ConfigDict
+                 ) -> tuple[ModelGraphs | None, nnx.State | None]:
+  """config.distill.teacher as (graphs, parameters) in eval mode, its architecture the one
+  its checkpoint recorded; (None, None) without a teacher. Logs its cost once."""
+  if not (config.model.distilled and config.distill.teacher):
+    return None, None
+  model, metadata = models.load(config.distill.teacher)
+  teacher_config = ml_collections.ConfigDict(metadata['model'])
+  teacher_gflops = flops.dense_gflops(teacher_config)
+  logging.info('teacher %s (%s, %s distillation, alpha %g): %.4g GFLOPs per image forward, '
+               '%.2fx the student\'s dense forward, run in every train step',
+               config.distill.teacher, teacher_config.get('variant', 'model'),
+               config.distill.kind, config.distill.alpha, teacher_gflops,
+               teacher_gflops / flops.dense_gflops(config.model))
+  graphs, params = split_model(model)
+  return graphs, params
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
   """What a training run compiles against (built by `prepare_training`)."""
   mesh: Mesh
   graphs: ModelGraphs
   state_shardings: TrainState
-  train_step: Callable   # jitted (state, global batch) -> (state, metrics); donates the state
+  train_step: Callable   # (state, global batch) -> (state, metrics), jitted; donates the state
   eval_step: Callable    # jitted (params, global batch) -> eval sums
   steps_per_epoch: int
   total_steps: int
@@ -287,12 +326,20 @@ def prepare_training(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   shardings = state_shardings(mesh, state)
   prior = (losses.prior_target(config.model.depth, config.loss.prior_target_depth,
                                config.loss.prior_std) if config.model.halting else None)
-  step = functools.partial(train_step, graphs=graphs, tx=tx, lr_schedule=lr_schedule,
-                           config=config, prior_target=prior)
+  teacher, teacher_params = load_teacher(config)
+  teacher_shardings = (None if teacher_params is None
+                       else sharding.tree_shardings(mesh, teacher_params))
+  step = jax.jit(
+      functools.partial(train_step, graphs=graphs, tx=tx, lr_schedule=lr_schedule,
+                        config=config, prior_target=prior, teacher=teacher),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), teacher_shardings),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  if teacher_params is not None:
+    teacher_params = jax.device_put(teacher_params, teacher_shardings)
   program = TrainProgram(
       mesh=mesh, graphs=graphs, state_shardings=shardings,
-      train_step=jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0),
+      # The teacher's parameters are an argument, not a constant of the compiled program.
+      train_step=lambda state, batch: step(state, batch, teacher_params),
       eval_step=jit_eval_step(graphs, config.model, mesh, shardings.params),
       steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   return program, jax.device_put(state, shardings)
