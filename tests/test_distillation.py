@@ -1,14 +1,21 @@
 """Distilled DeiT / A-ViT: DeiT's distillation loss against PyTorch, the fine-tuning rules for
 the distillation token, and the checks of a teacher before anything compiles."""
 
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from avit_jax import config_lib
+from avit_jax import config_lib, convert, models
 from avit_jax.checkpoints import finetune
+from avit_jax.models import flops
+from avit_jax.models import halting as halting_lib
 from avit_jax.training import losses, workdir
+from tests import helpers
 
 RNG = np.random.default_rng(0)
 
@@ -114,3 +121,198 @@ def test_distillation_numbers_are_checked(field, value, message):
   with pytest.raises(config_lib.ConfigError) as e:
     losses.check_distill_config(config.distill)
   assert str(e.value) == message
+
+
+# --- the distilled model against Hugging Face's PyTorch DeiT ----------------------------------
+
+def _distilled_timm(seed, c):
+  """A random distilled DeiT state dict with timm's names (N + 2 position embeddings)."""
+  sd = helpers.random_timm(seed, c)
+  rng = np.random.default_rng(seed + 100)
+  sd['dist_token'] = rng.normal(0, 0.1, (1, 1, c.dim)).astype(np.float32)
+  sd['pos_embed'] = np.insert(sd['pos_embed'], 1, rng.normal(0, 0.1, c.dim), axis=1)
+  sd['head_dist.weight'] = rng.normal(0, 0.02, (c.num_classes, c.dim)).astype(np.float32)
+  sd['head_dist.bias'] = rng.normal(0, 0.1, c.num_classes).astype(np.float32)
+  return sd
+
+
+def _timm_to_hf_distilled(sd):
+  """timm names -> DeiTForImageClassificationWithTeacher's, independently of the converter."""
+  plain = {k: v for k, v in sd.items() if k not in ('dist_token', 'head_dist.weight',
+                                                     'head_dist.bias')}
+  out = {}
+  for name, value in helpers.timm_to_hf(plain).items():
+    name = re.sub(r'^vit\.', 'deit.', name)
+    out[re.sub(r'^classifier\.', 'cls_classifier.', name)] = value
+  out['deit.embeddings.distillation_token'] = sd['dist_token']
+  out['distillation_classifier.weight'] = sd['head_dist.weight']
+  out['distillation_classifier.bias'] = sd['head_dist.bias']
+  return out
+
+
+def _hf_deit_with_teacher(sd, c):
+  from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+  config = DeiTConfig(hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.heads,
+                      intermediate_size=int(c.dim * c.mlp_ratio), image_size=c.image_size,
+                      patch_size=c.patch, num_channels=c.in_chans, layer_norm_eps=1e-6,
+                      hidden_act='gelu', qkv_bias=True, num_labels=c.num_classes)
+  model = DeiTForImageClassificationWithTeacher(config).eval()
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                         for k, v in _timm_to_hf_distilled(sd).items()}, strict=True)
+  return model
+
+
+def _hf_outputs(model, images):
+  with torch.no_grad():
+    out = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  return out.logits.numpy(), out.distillation_logits.numpy()
+
+
+@pytest.mark.parametrize('size, seed', [('tiny', 0), ('small', 1)])
+def test_a_distilled_deit_converts_and_matches_hugging_face(tmp_path, size, seed):
+  c = helpers.model_config(size, depth=2, image_size=64, num_classes=100)
+  c.distilled = True
+  sd = _distilled_timm(seed, c)
+  images = np.random.default_rng(seed).normal(0, 1, (2, 64, 64, 3)).astype(np.float32)
+  hf_logits, hf_dist = _hf_outputs(_hf_deit_with_teacher(sd, c), images)
+  assert np.abs(hf_logits).max() > 0.1  # not a comparison of near-zero logits
+  for source in (helpers.save_pth(tmp_path / 'deit_distilled.pth', sd),
+                 _timm_to_hf_distilled(sd)):  # a timm file, and Hugging Face's names
+    out = convert.from_torch(source, c)(images)
+    np.testing.assert_allclose(out.logits, hf_logits, atol=1e-4)
+    np.testing.assert_allclose(out.dist_logits, hf_dist, atol=1e-4)
+
+
+def test_a_distilled_model_exports_to_what_pytorch_reloads(tmp_path):
+  c = helpers.model_config('tiny', depth=2, image_size=64, num_classes=10)
+  c.distilled = True
+  model = models.create(c, seed=3)
+  path = convert.export_file(_save(model, c, tmp_path / 'ckpt'), str(tmp_path / 'w.safetensors'))
+  from safetensors.numpy import load_file
+  sd = load_file(path)
+  assert sd['pos_embed'].shape == (1, 18, 192) and 'dist_token' in sd and 'head_dist.weight' in sd
+  images = np.random.default_rng(5).normal(0, 1, (2, 64, 64, 3)).astype(np.float32)
+  hf_logits, hf_dist = _hf_outputs(_hf_deit_with_teacher(sd, c), images)
+  out = model(images)
+  np.testing.assert_allclose(hf_logits, out.logits, atol=1e-4)
+  np.testing.assert_allclose(hf_dist, out.dist_logits, atol=1e-4)
+
+
+def _save(model, c, directory):
+  from flax import nnx
+  from avit_jax import checkpoints
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return checkpoints.save_params(str(directory), params,
+                                 {'model': checkpoints.metadata_json(c)})
+
+
+# --- halting with two special tokens -----------------------------------------------------------
+
+def _distilled_config(**overrides):
+  c = config_lib.model_config('tiny')
+  c.update(dict(image_size=16, patch=4, dim=32, depth=4, heads=4, num_classes=7,
+                drop_path_rate=0.0, gate_scale=10.0, gate_center=5.0, distilled=True))
+  c.update(overrides)
+  return c
+
+
+def _images(batch=3, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, 16, 16, 3), jnp.float32)
+
+
+def _lift_halting_neuron(model, shift):
+  for block in model.blocks:
+    block.mlp.fc2.bias[...] = block.mlp.fc2.bias[...].at[0].add(shift)
+
+
+def test_both_special_tokens_halt_like_any_token():
+  model = models.create(_distilled_config(), seed=1)
+  _lift_halting_neuron(model, 0.5)
+  out = model(_images(batch=4))
+  depth, rho = np.asarray(out.token_depth), np.asarray(out.ponder)
+  scores = np.asarray(out.halting_scores)
+  assert depth.shape == (4, 16 + 2) and out.dist_logits.shape == (4, 7)
+  assert ((depth >= 1) & (depth <= model.depth)).all() and (depth == np.round(depth)).all()
+  assert (depth[:, :2] < model.depth).all()  # the special tokens halted early
+  assert len(np.unique(depth)) > 2  # a varied profile: the checks below are not vacuous
+  for b in range(4):
+    for k in range(depth.shape[1]):
+      n = int(depth[b, k])
+      np.testing.assert_allclose(rho[b, k], n + 1.0 - scores[b, :n - 1, k].sum(), atol=1e-5)
+      cumulative = np.cumsum(scores[b, :, k])
+      assert (cumulative[:n - 1] < 1 - model.eps).all()
+
+
+def test_nothing_halting_early_gives_plain_distilled_deit():
+  x = _images()
+  plain = models.create(_distilled_config(halting=False), seed=3)(x)
+  never = models.create(_distilled_config(gate_center=1e4), seed=3)(x)
+  np.testing.assert_array_equal(np.asarray(never.logits), np.asarray(plain.logits))
+  np.testing.assert_array_equal(np.asarray(never.dist_logits), np.asarray(plain.dist_logits))
+  np.testing.assert_array_equal(np.asarray(never.token_depth), 4.0)
+
+
+def test_each_token_accumulates_weights_summing_to_one():
+  """With every residual branch zeroed each block passes its tokens through, so a token's
+  accumulated output is its embedding times the sum of its weights: both heads then see
+  what plain DeiT sees, however early the tokens halted."""
+  models_ = [models.create(_distilled_config(halting=halting), seed=4) for halting in (True, False)]
+  for model in models_:
+    for block in model.blocks:
+      for linear in (block.attn.proj, block.mlp.fc2):
+        linear.kernel[...] = jnp.zeros_like(linear.kernel[...])
+        linear.bias[...] = jnp.zeros_like(linear.bias[...])
+  x = _images(seed=6)
+  avit, deit = models_[0](x), models_[1](x)
+  assert len(np.unique(np.asarray(avit.token_depth))) > 1
+  np.testing.assert_allclose(np.asarray(avit.logits), np.asarray(deit.logits), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(avit.dist_logits), np.asarray(deit.dist_logits),
+                             atol=1e-5)
+
+
+def test_halted_tokens_never_change_either_head():
+  model = models.create(_distilled_config(), seed=4)
+  _lift_halting_neuron(model, 0.4)
+  x = _images(batch=2, seed=5)
+  reference = model(x)
+  assert float(reference.token_depth.min()) < model.depth
+
+  tokens = model.embed(x)  # AViT.run_halting, with garbage in place of halted tokens
+  state = halting_lib.init_state(tokens.shape[:2])
+  output = jnp.zeros(tokens.shape)
+  for layer, block in enumerate(model.blocks):
+    garbage = 1e3 * jax.random.normal(jax.random.key(layer), tokens.shape)
+    tokens = block(jnp.where(state.mask[..., None] > 0, tokens, garbage), mask=state.mask)
+    state, weight, _ = model.halting_step(state, tokens, layer)
+    output = halting_lib.accumulate(output, tokens, weight)
+  logits, dist_logits = model.forward_heads(model.norm(output))
+  np.testing.assert_array_equal(np.asarray(state.depth), np.asarray(reference.token_depth))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(reference.logits), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dist_logits), np.asarray(reference.dist_logits),
+                             atol=1e-6)
+
+
+def test_training_mode_logits_are_the_class_heads():
+  model = models.create(_distilled_config(), seed=7)
+  x = _images(seed=8)
+  evaluated = model(x)
+  model.train()
+  trained = model(x)  # no dropout or drop path configured: the same forward
+  np.testing.assert_allclose(np.asarray(trained.dist_logits), np.asarray(evaluated.dist_logits),
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(evaluated.logits),
+                             (np.asarray(trained.logits) + np.asarray(trained.dist_logits)) / 2,
+                             atol=1e-6)
+
+
+def test_flops_count_both_special_tokens_and_heads():
+  distilled, plain = _distilled_config(), _distilled_config(distilled=False)
+  c = plain
+  tokens = (16 // 4) ** 2
+  layer = lambda n: 4 * n * c.dim * c.dim + 2 * n * c.dim * 4 * c.dim + 2 * n * n * c.dim
+  embed = tokens * 4 * 4 * 3 * c.dim
+  assert models.num_tokens(distilled) == tokens + 2
+  np.testing.assert_allclose(flops.dense_gflops(distilled) * 1e9,
+                             embed + c.depth * layer(tokens + 2) + 2 * c.dim * 7)
+  np.testing.assert_allclose(flops.dense_gflops(plain) * 1e9,
+                             embed + c.depth * layer(tokens + 1) + c.dim * 7)
