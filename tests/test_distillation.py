@@ -316,3 +316,95 @@ def test_flops_count_both_special_tokens_and_heads():
                              embed + c.depth * layer(tokens + 2) + 2 * c.dim * 7)
   np.testing.assert_allclose(flops.dense_gflops(plain) * 1e9,
                              embed + c.depth * layer(tokens + 1) + c.dim * 7)
+
+
+# --- training with a teacher -------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  """A plain-DeiT checkpoint for the tiny training config: a teacher as convert writes it."""
+  config = helpers.tiny_config(**{'model.halting': False, 'model.dim': 48, 'model.heads': 3})
+  directory = tmp_path_factory.mktemp('teacher') / 'ckpt'
+  _save(models.create(config.model, seed=11), config.model, directory)
+  return str(directory)
+
+
+def _student_config(teacher, data_dir, **overrides):
+  return helpers.tiny_config(**{'model.distilled': True, 'distill.teacher': teacher,
+                                'data.data_dir': data_dir, **overrides})
+
+
+def _first_step_terms(config, batch, devices, teacher_logits):
+  """(the first train step's metrics, the ce and distill_loss terms computed outside it)."""
+  from flax import nnx
+  from avit_jax.training import sharding, train
+  program, state = train.prepare_training(config, devices)
+  student = nnx.merge(program.graphs.train, jax.device_get(state.params),
+                      program.graphs.non_params)
+  out = student(batch['images'])  # no dropout, drop path or mixup in this config
+  targets = losses.smooth_labels(batch['labels'], 10, config.aug.label_smoothing)
+  d = config.distill
+  distill = (losses.soft_target_cross_entropy(out.dist_logits, targets) if teacher_logits is None
+             else losses.distillation_loss(out.dist_logits, teacher_logits, d.kind, d.tau))
+  want = {'ce': (1 - d.alpha) * losses.soft_target_cross_entropy(out.logits, targets),
+          'distill_loss': d.alpha * distill}
+  _, got = program.train_step(state, sharding.global_batch(batch, program.mesh))
+  return {k: float(v) for k, v in got.items()}, want
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  return {'images': rng.normal(size=(32, 28, 28, 3)).astype(np.float32),
+          'labels': rng.integers(0, 10, size=32).astype(np.int32)}
+
+
+@pytest.mark.parametrize('kind', ['hard', 'soft'])
+def test_the_teacher_trains_head_dist_inside_the_step(teacher_dir, fashion_mnist_dir, kind):
+  config = _student_config(teacher_dir, fashion_mnist_dir, **{
+      'distill.kind': kind, 'distill.alpha': 0.3, 'distill.tau': 2.0})
+  batch = _batch()
+  teacher, _ = models.load(teacher_dir)
+  teacher_logits = teacher(batch['images']).logits
+  metrics = []
+  for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 2)):
+    config.mesh.fsdp = fsdp  # the teacher is sharded like the student
+    got, want = _first_step_terms(config, batch, devices, teacher_logits)
+    for name, value in want.items():
+      np.testing.assert_allclose(got[name], float(value), rtol=2e-5, err_msg=name)
+    metrics.append(got)
+  for name in ('loss', 'ce', 'distill_loss', 'grad_norm'):
+    np.testing.assert_allclose(metrics[1][name], metrics[0][name], rtol=1e-5, err_msg=name)
+
+
+def test_without_a_teacher_both_heads_learn_the_labels(fashion_mnist_dir):
+  config = _student_config('', fashion_mnist_dir)
+  got, want = _first_step_terms(config, _batch(1), jax.devices()[:1], None)
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name], float(value), rtol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.distilled': False}, 'a teacher trains the distillation head: set '
+     '--config.model.distilled=True'),
+    ({'model.num_classes': 12}, 'the teacher has num_classes=10, image_size=28, in_chans=3, the '
+     'student (config.model) num_classes=12, image_size=28, in_chans=3; expected the same '
+     'classes and images'),
+    ({'model.image_size': 21}, 'the teacher has num_classes=10, image_size=28, in_chans=3, the '
+     'student (config.model) num_classes=10, image_size=21, in_chans=3; expected the same '
+     'classes and images'),
+])
+def test_a_teacher_that_does_not_fit_is_refused_before_compiling(teacher_dir, fashion_mnist_dir,
+                                                                 overrides, message):
+  from avit_jax.training import validation
+  config = _student_config(teacher_dir, fashion_mnist_dir, **overrides)
+  with pytest.raises(config_lib.ConfigError) as e:
+    validation.validate_config(config)
+  assert str(e.value) == f'config.distill.teacher={teacher_dir!r} is invalid: {message}'
+
+
+def test_a_missing_teacher_is_named(tmp_path, fashion_mnist_dir):
+  from avit_jax import checkpoints
+  from avit_jax.training import validation
+  config = _student_config(str(tmp_path / 'nowhere'), fashion_mnist_dir)
+  with pytest.raises(checkpoints.CheckpointError, match='nowhere'):
+    validation.validate_config(config)
