@@ -14,12 +14,11 @@ def test_rows_are_consistent():
   model = varied_model(0)
   config = small_config()
   images = np.asarray(profiles.synthetic_images(4, 32, seed=0))
-  budget = inference.calibrate_capacity(model, images)
   rows, latency = benchmark.bench_model(
-      'tiny-test', model, config, images, [1, 4], reps=1, capacity=budget, compile_repeats=2,
+      'tiny-test', model, config, images, [1, 4], reps=1, compile_repeats=2,
       torch_seconds={1: (0.5, 0.9), 4: (1.0, 1.9)}, latency_images=3, log=lambda s: None)
   assert [(r['batch'], r['mode']) for r in rows] == [
-      (b, m) for b in (1, 4) for m in ('dense', 'masked', 'compact', 'capacity', 'pytorch')]
+      (b, m) for b in (1, 4) for m in ('dense', 'masked', 'compact', 'pytorch')]
   dense = flops.dense_gflops(config)
   for r in rows:
     np.testing.assert_allclose(r['images_per_s'] * r['ms_per_batch'] / 1e3, r['batch'])
@@ -35,10 +34,8 @@ def test_rows_are_consistent():
       assert r['gflops_per_image'] < dense  # this model halts early
     if r['mode'] != 'pytorch':
       assert r['host_reads'] == 0 and r['compile_s'] > 0
-    if r['mode'] in ('compact', 'capacity'):  # capacity calibrated on these images: exact
+    if r['mode'] == 'compact':
       assert r['depth_mismatches'] == 0 and r['max_logit_diff'] < 1e-4
-    if r['mode'] == 'capacity':
-      assert r['tokens_cut'] == 0 and r['top1_agreement'] == 1.0
     if r['mode'] == 'compact':
       work = r['work']
       assert work['layout'] == ('sequence' if r['batch'] == 1 else 'packed')
@@ -57,14 +54,21 @@ def test_rows_are_consistent():
       np.testing.assert_allclose(work['efficiency_ceiling'], needed / computed, rtol=1e-6)
       assert 0.3 < work['efficiency_ceiling'] <= 1.0
   # The peer's (wall, CPU) seconds are reported as given.
-  peer = rows[4]
+  peer = rows[3]
   assert peer['ms_per_batch'] == 500.0 and peer['cpu_ms_per_batch'] == 900.0
-  assert [r['mode'] for r in latency] == ['dense', 'masked', 'compact', 'capacity']
+  assert [r['mode'] for r in latency] == ['dense', 'masked', 'compact']
   for r in latency:
     assert r['samples'] == 3 and r['p90_ms'] >= r['median_ms'] > 0
   assert latency[0]['speed_up'] == 1.0 and latency[2]['ideal_speed_up'] > 1.0
   assert 'compact' in benchmark.format_table(rows)
-  markdown = benchmark.format_markdown(dict(rows=rows, latency=latency))
+  markdown = benchmark.format_markdown(dict(rows=rows, latency=latency, date='DAY',
+                                            machine='HOST', command='CMD',
+                                            auto={'tiny-test': {1: 'masked', 4: 'compact'}}))
+  # Dated and named once, at the top.
+  assert markdown.count('DAY') == markdown.count('HOST') == 1
+  assert markdown.splitlines()[2].startswith('Measured on DAY on HOST, by `CMD`.')
+  assert ('picks masked when its first batch holds 1 images, compact when its first batch '
+          'holds 4 images.') in markdown
   assert markdown.count('| 4 | compact |') == 1 and 'PyTorch (transformers ViT)' in markdown
   assert 'Batch-1 latency over 3 images' in markdown
   assert f'{rows[2]["work"]["efficiency_ceiling"]:.3f} | {rows[2]["efficiency"]:.2f} |' in markdown
@@ -133,11 +137,41 @@ def test_options_are_refused_before_any_work(argv, message, capsys):
   assert err.strip().splitlines()[-1] == f'python -m avit_jax.benchmark: error: {message}'
 
 
-def test_auto_picks_the_faster_exact_mode_the_benchmark_timed():
-  """The benchmark's 'auto picks' come from its own compact and masked timings at each batch
-  size, by the rule auto applies to its own timing; dense where no exact mode was timed."""
-  rows = [dict(batch=b, mode=m, ms_per_batch=ms) for b, m, ms in (
-      (1, 'dense', 1.0), (1, 'masked', 3.0), (1, 'compact', 2.0), (1, 'capacity', 0.5),
-      (8, 'dense', 5.0), (8, 'masked', 6.0), (8, 'compact', 7.0), (8, 'pytorch', 1.0))]
+def test_auto_picks_the_exact_mode_of_the_larger_speed_up():
+  """The benchmark's 'auto picks' come from the speed-ups its table shows for compact and
+  masked at each batch size, by the rule auto applies to its own timing; dense where no
+  exact mode was timed."""
+  rows = [dict(batch=b, mode=m, speed_up=x) for b, m, x in (
+      (1, 'dense', 1.0), (1, 'masked', 0.8), (1, 'compact', 1.2),
+      (8, 'dense', 1.0), (8, 'masked', 1.1), (8, 'compact', 0.9), (8, 'pytorch', 3.0))]
   assert cli.auto_picks(rows) == {1: 'compact', 8: 'masked'}
-  assert cli.auto_picks([dict(batch=4, mode='dense', ms_per_batch=1.0)]) == {4: 'dense'}
+  assert cli.auto_picks([dict(batch=4, mode='dense', speed_up=1.0)]) == {4: 'dense'}
+
+
+def test_compact_work_counts_what_the_program_computes():
+  """The work the benchmark reports: the rows and attention the masked model's halting
+  needs, and what compact computes for it: images sorted by running tokens, in groups of 2
+  (batch 8), attention lengths in steps of 16 up to the 65 tokens, MLP rows in steps of 160
+  then of 40 (a quarter step)."""
+  model = varied_model(2)
+  x = np.asarray(profiles.synthetic_images(8, 32, seed=2))
+  masked = inference.make_predict_fn(model, 'masked')(x)
+  predict = inference.make_predict_fn(model, 'compact')
+  plan = predict.plan(8)
+  assert (plan.layout, plan.lengths, plan.groups, plan.chunk_rows) == (
+      'packed', (16, 32, 48, 64, 65), (2,) * 5, 160)
+  work = cli.compact_layer_work(predict, masked.token_depth)
+  depth = np.asarray(masked.token_depth)
+  active = np.asarray(flops.active_tokens_per_layer(depth, model.depth))  # [B, L]
+  assert sum(work['rows_running']) == active.sum() == depth.sum()
+  assert sum(work['attention_running']) == (active ** 2).sum()
+  for layer in range(model.depth):
+    counts = np.sort(active[:, layer])[::-1]
+    assert work['rows_computed'][layer] == -(-counts.sum() // 40) * 40
+    lengths = [min(65, -(-int(g[0]) // 16) * 16) for g in counts.reshape(4, 2) if g[0]]
+    assert work['attention_computed'][layer] == sum(2 * n ** 2 for n in lengths)
+    assert work['attention_rows_computed'][layer] == sum(2 * n for n in lengths)
+  # Batch 1: the sequence layout runs the whole block on the running count's bucket.
+  one = cli.compact_layer_work(predict, depth[:1])
+  assert one['rows_computed'] == one['attention_rows_computed'] == [
+      min(65, -(-int(k) // 16) * 16) if k else 0 for k in active[0]]

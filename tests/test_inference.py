@@ -1,5 +1,5 @@
 """Inference modes: compact (real token removal) gives the masked model's answers, as one device
-program per batch shape; capacity (token budgets) equals masked where it cuts nothing."""
+program per batch shape; auto gives them too, from the exact mode it timed faster."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from avit_jax import config_lib, inference, models
-from avit_jax.models import flops
-from avit_jax.inference import compact as compact_lib
 
 DEPTH = 4
 
@@ -39,20 +37,25 @@ def assert_same_answers(reference, out):
   np.testing.assert_allclose(out.logits, reference.logits, atol=1e-4, rtol=0)
   np.testing.assert_array_equal(out.token_depth, reference.token_depth)
   np.testing.assert_allclose(out.ponder, reference.ponder, atol=1e-5, rtol=0)
+  if reference.dist_logits is not None:  # a distilled model: its second head too
+    np.testing.assert_allclose(out.dist_logits, reference.dist_logits, atol=1e-4, rtol=0)
 
 
-# Batch 1 runs the sequence layout; 3 (sequence_batch 4) too, with images of different
-# lengths; 6 and 8 the packed layout in groups of 4 (6: a group padded with empty images; 8:
-# two groups, re-sorted by running tokens after every layer); 8 in groups of 2 with fine buckets.
-@pytest.mark.parametrize('seed,batch,options', [
-    (0, 1, {}), (2, 8, dict(group=4, row_chunk=64)), (5, 6, dict(group=4)),
-    pytest.param(1, 3, dict(sequence_batch=4), marks=pytest.mark.slow),
-    pytest.param(3, 8, dict(group=2, length_buckets=40), marks=pytest.mark.slow)])
-def test_compact_matches_masked(seed, batch, options):
-  model = varied_model(seed)
+# Batch 1 runs the sequence layout, larger batches the packed one: at 8 in four groups of 2,
+# re-sorted by running tokens after every layer; at 5 with a group padded with an empty
+# image. A distilled model's two special tokens both feed a head. 18 images of 257 tokens
+# fill whole-length groups of 17 (the second padded), shorter lengths in groups of 2.
+@pytest.mark.parametrize('seed,batch,overrides', [
+    (2, 8, {}), (3, 1, dict(distilled=True)), (4, 5, dict(distilled=True)),
+    pytest.param(1, 18, dict(patch=2), marks=pytest.mark.slow)])
+def test_compact_matches_masked(seed, batch, overrides):
+  model = varied_model(seed, **overrides)
   x = images(batch, seed)
   masked = inference.make_predict_fn(model, 'masked', chunk_size=4)(x)
-  compact = inference.make_predict_fn(model, 'compact', chunk_size=4, **options)(x)
+  predict = inference.make_predict_fn(model, 'compact', chunk_size=4)
+  compact = predict(x)
+  if batch == 18:
+    assert predict.plan(batch).groups == (2,) * 5 + (17,)
   # The halting really varies: several depths, and tokens of one image halt at different layers.
   depths = np.asarray(masked.token_depth)
   assert len(np.unique(depths)) >= 3
@@ -163,121 +166,13 @@ def test_bad_arguments():
   model = varied_model(0)
   with pytest.raises(ValueError, match='mode must be one of'):
     inference.make_predict_fn(model, 'sparse')
-  with pytest.raises(ValueError, match=r"options \['group'\] are for mode 'compact', not 'masked'"):
-    inference.make_predict_fn(model, 'masked', group=4)
   deit = models.create(small_config(halting=False), seed=0)
   with pytest.raises(ValueError, match='halting on'):
     inference.make_predict_fn(deit, 'compact')
   with pytest.raises(ValueError, match=r'expected images of shape \[B, 32, 32, 3\]'):
     inference.make_predict_fn(model, 'compact')(jnp.zeros((2, 28, 28, 3)))
-  with pytest.raises(ValueError, match='row_chunk must be a positive multiple of 4, got 30'):
-    inference.make_predict_fn(model, 'compact', row_chunk=30)
-
-
-def test_work_counts_what_the_program_computes():
-  """work() reports the rows and attention the masked model's halting needs, and what
-  compact computes for it: images sorted by running tokens, groups of 4, rounded to the
-  buckets."""
-  model = varied_model(2)
-  x = images(8, 2)
-  masked = inference.make_predict_fn(model, 'masked')(x)
-  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, group=4, row_chunk=64,
-                                      length_buckets=4)
-  work = predict.work(masked.token_depth)
-  active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))  # [B, L]
-  assert sum(work['rows_running']) == active.sum() == np.asarray(masked.token_depth).sum()
-  assert sum(work['attention_running']) == (active ** 2).sum()
-  # By hand: 65 tokens; MLP rows in steps of 64, then of 16 (a quarter step), so in multiples
-  # of 16; attention lengths in multiples of 24 (65 / 4 -> multiple of 8), capped at 65.
-  for layer in range(DEPTH):
-    counts = np.sort(active[:, layer])[::-1]
-    assert work['rows_computed'][layer] == -(-counts.sum() // 16) * 16
-    lengths = [min(65, -(-int(g[0]) // 24) * 24) for g in counts.reshape(2, 4) if g[0]]
-    assert work['attention_computed'][layer] == sum(4 * n ** 2 for n in lengths)
-    assert work['attention_rows_computed'][layer] == sum(4 * n for n in lengths)
-  assert_same_answers(masked, predict(x))
-
-
-def test_larger_groups_at_the_full_length(monkeypatch):
-  """Where a group at the full length reaches GROUP_FLOATS, that length's groups hold more
-  images than the shorter lengths' (here 3 against 2): same answers, and work() walks the
-  sorted images group by group, each group as long as its first image needs."""
-  monkeypatch.setattr(compact_lib, 'GROUP_FLOATS', 3 * 65 * 3 * 64)
-  model = varied_model(4)
-  x = images(8, 4)
-  masked = inference.make_predict_fn(model, 'masked')(x)
-  predict = inference.make_predict_fn(model, 'compact', chunk_size=4, length_buckets=4)
-  plan = predict.plan(8)
-  assert plan.lengths == (24, 48, 65) and plan.groups == (2, 2, 3)
-  work = predict.work(masked.token_depth)
-  active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))
-  for layer in range(DEPTH):
-    counts, image, rows = np.sort(active[:, layer])[::-1], 0, 0
-    while image < 8 and counts[image] > 0:
-      length = next(n for n in plan.lengths if n >= counts[image])
-      group = plan.groups[plan.lengths.index(length)]
-      rows, image = rows + group * length, image + group
-    assert work['attention_rows_computed'][layer] == rows
-  assert_same_answers(masked, predict(x))
-
-
-@pytest.mark.parametrize('seed,batch,chunk', [(0, 4, 0), (3, 6, 2)])
-def test_capacity_with_calibrated_budget_matches_masked(seed, batch, chunk):
-  model = varied_model(seed)
-  x = images(batch, seed)
-  masked = inference.make_predict_fn(model, 'masked')(x)
-  budget = inference.calibrate_capacity(model, x)
-  # By hand: the most tokens any image runs at each layer, rounded up to 4 (65 // 16), at
-  # most 65.
-  active = np.asarray(flops.active_tokens_per_layer(masked.token_depth, DEPTH))
-  assert budget == tuple(min(65, -(-int(k) // 4) * 4) for k in active.max(axis=0))
-  assert budget[-1] < 65  # the budget really shrinks
-  predict = inference.make_predict_fn(model, 'capacity', capacity=budget, chunk_size=chunk)
-  out = predict(x)
-  assert_same_answers(masked, out)
-  np.testing.assert_array_equal(out.tokens_cut, 0)  # never cuts on its calibration images
-  ran = np.arange(DEPTH)[None, :, None] < np.asarray(masked.token_depth)[:, None, :]
-  np.testing.assert_allclose(out.halting_scores,
-                             np.where(ran, masked.halting_scores, 0.0), atol=1e-5)
-  predict(x + 0.5)  # one program per batch shape, whatever the halting
-  assert predict.compiled_count() == 1
-
-
-def test_capacity_cuts_tokens_over_budget():
-  model = varied_model(2)
-  x = images(8, 2)
-  masked = inference.make_predict_fn(model, 'masked')(x)
-  full = inference.calibrate_capacity(model, x)
-  tight = inference.calibrate_capacity(model, x, quantile=0.25, multiple=1)
-  assert all(t <= f for t, f in zip(tight, full)) and tight != full
-  out = inference.make_predict_fn(model, 'capacity', capacity=tight)(x)
-  depth = np.asarray(out.token_depth)
-  # No layer runs more tokens of an image than its budget, and some tokens were cut.
-  active = np.asarray(flops.active_tokens_per_layer(depth, DEPTH))
-  assert (active <= np.asarray(tight)[None, :]).all()
-  cut = depth < np.asarray(masked.token_depth)
-  assert cut.any()
-  np.testing.assert_array_equal(out.tokens_cut, cut.sum(axis=1))  # it says what it cut
-  assert np.isfinite(np.asarray(out.logits)).all()
-  # A cut token halts as if at the threshold: ponder = depth + remainder, in (depth, depth + 1].
-  ponder = np.asarray(out.ponder)
-  assert ((ponder[cut] > depth[cut]) & (ponder[cut] <= depth[cut] + 1)).all()
-  # The class token always gets a slot: it runs until it halts by itself.
-  assert (depth[:, 0] >= 1).all() and (active[:, 0] >= 1).all()
-
-
-def test_capacity_bad_budgets():
-  model = varied_model(0)
-  with pytest.raises(ValueError, match=r"mode 'capacity' needs a token budget per layer"):
-    inference.make_predict_fn(model, 'capacity')
-  with pytest.raises(ValueError, match=r'capacity must be 4 integers in \[1, 65\]'):
-    inference.make_predict_fn(model, 'capacity', capacity=(65, 65, 65))
-  with pytest.raises(ValueError, match=r'capacity must be 4 integers in \[1, 65\]'):
-    inference.make_predict_fn(model, 'capacity', capacity=(65, 66, 8, 8))
-  with pytest.raises(ValueError, match=r"capacity is for mode 'capacity', not 'masked'"):
-    inference.make_predict_fn(model, 'masked', capacity=(65,) * 4)
-  with pytest.raises(ValueError, match=r'quantile must be in \(0, 1\]'):
-    inference.calibrate_capacity(model, images(2), quantile=0.0)
+  with pytest.raises(ValueError, match='same structure'):
+    inference.make_predict_fn(model, 'compact').set_params(varied_model(0, depth=DEPTH + 1))
 
 
 @pytest.mark.parametrize('pick', ['compact', 'masked'])
@@ -289,18 +184,16 @@ def test_auto_gives_masked_answers_from_either_exact_mode(pick, monkeypatch):
   x = images(8, 2)
   masked = inference.make_predict_fn(model, 'masked', chunk_size=4)(x)
   assert len(np.unique(np.asarray(masked.token_depth))) >= 3
-  predict = inference.make_predict_fn(model, 'auto', chunk_size=4, rounds=1)
-  first = predict(x)  # times both modes on this batch, then keeps the choice for its shape
-  assert predict.modes == {x.shape: pick}
-  assert set(predict.seconds[x.shape]) == {'compact', 'masked'}
+  predict = inference.make_predict_fn(model, 'auto', chunk_size=4)
+  first = predict(x)  # times both exact modes on this batch, then keeps the choice
+  assert predict.mode == pick and set(predict.seconds) == {'compact', 'masked'}
   assert_same_answers(masked, first)
   assert_same_answers(masked, predict(x))
-  assert predict.mode_for(x.shape) == pick
 
 
-def test_auto_decides_per_batch_shape_from_its_timing(monkeypatch):
-  """The faster exact mode by the timing of each batch shape's first call; auto_mode times
-  synthetic images of the model's size; new parameters are timed again."""
+def test_auto_decides_once_from_its_first_batch(monkeypatch):
+  """Timed at the first call only: later batches, of any size, and new parameters keep the
+  mode; auto_mode times a batch of random images of the model's size."""
   seen = []
 
   def faster(seconds):
@@ -309,18 +202,14 @@ def test_auto_decides_per_batch_shape_from_its_timing(monkeypatch):
 
   monkeypatch.setattr(inference, 'faster_exact_mode', faster)
   model = varied_model(0)
-  predict = inference.make_predict_fn(model, 'auto', rounds=1)
+  predict = inference.make_predict_fn(model, 'auto')
   predict(images(2)), predict(images(3)), predict(images(2, 1))
-  assert predict.modes == {(2, 32, 32, 3): 'compact', (3, 32, 32, 3): 'masked'}
-  assert len(seen) == 2 and all(set(s) == {'compact', 'masked'} and min(s.values()) > 0
-                                for s in seen)
-  assert predict.mode_for((5, 32, 32, 3)) == 'compact' and len(seen) == 3
   predict.set_params(varied_model(1))
-  assert predict.modes == {}
-  assert inference.auto_mode(model, 4) == 'masked' and len(seen) == 4
-  with pytest.raises(ValueError, match=r'expected images of shape \[B, 32, 32, 3\]'):
-    predict.mode_for((2, 16, 16, 3))
-  monkeypatch.undo()  # the rule itself: the faster by median seconds per batch
+  predict(images(2))
+  assert predict.mode == 'compact' and len(seen) == 1
+  assert set(seen[0]) == {'compact', 'masked'} and min(seen[0].values()) > 0
+  assert inference.auto_mode(model, 4) == 'masked' and len(seen) == 2
+  monkeypatch.undo()  # the rule itself: the faster by seconds per batch
   assert inference.faster_exact_mode({'compact': 1.0, 'masked': 2.0}) == 'compact'
   assert inference.faster_exact_mode({'compact': 2.0, 'masked': 1.0}) == 'masked'
 
@@ -332,4 +221,4 @@ def test_auto_runs_a_model_without_halting_dense():
   predict = inference.make_predict_fn(deit, 'auto')
   np.testing.assert_array_equal(predict(x).logits,
                                 inference.make_predict_fn(deit, 'dense')(x).logits)
-  assert predict.modes == {x.shape: 'dense'} and predict.seconds == {}
+  assert predict.mode == 'dense' and predict.seconds == {}

@@ -1,38 +1,38 @@
 """python -m avit_jax.benchmark: every mode of one model at every batch size (see the package
-doc), the batch-1 latencies, and for a trained checkpoint what capacity's budget costs."""
+doc) and the batch-1 latencies."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import functools
 import json
+import os
+import sys
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from avit_jax import config_lib, inference
+from avit_jax import command_line, config_lib, inference
 from avit_jax.models import flops
 from avit_jax.benchmark import measure, phases, profiles, report
+from avit_jax.inference import packed
 
-MODES = ('dense', 'masked', 'compact', 'capacity')
+MODES = ('dense', 'masked', 'compact')
 
 
 def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes, reps: int, *,
-                capacity=None, torch_seconds=None, latency_images: int = 0,
+                torch_seconds=None, latency_images: int = 0,
                 min_seconds: float = 0.0, compile_repeats: int = 1, profile: bool = False,
                 log=print) -> tuple[list[dict], list[dict]]:
   """Rows of the throughput table for one model (every mode, and the torch peer, at every
-  batch size; 'capacity' when per-layer budgets are given) and of its latency table;
+  batch size) and of its latency table;
   `profile` adds each mode's device time by phase (`phases.phase_times`). The first-batch
   compile time is the median over `compile_repeats` fresh predictors (one compile is a
   single sample of a host whose speed moves) of `measure.compile_seconds`."""
-  modes = [m for m in MODES if m != 'capacity' or capacity is not None]
-
-  def make(mode):
-    options = {'capacity': capacity} if mode == 'capacity' else {}
-    return inference.make_predict_fn(model, mode, **options)
-
-  predictors = {mode: make(mode) for mode in modes}
+  make = functools.partial(inference.make_predict_fn, model)
+  predictors = {mode: make(mode) for mode in MODES}
   dense_gflops = flops.dense_gflops(model_config)
   rows = []
   for b in batch_sizes:
@@ -65,9 +65,6 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
         out = predictors[mode](x)
         row['max_logit_diff'] = float(jnp.abs(out.logits - masked.logits).max())
         row['depth_mismatches'] = int((out.token_depth != masked.token_depth).sum())
-      if mode == 'capacity':
-        row.update(capacity_check(out.logits, out.token_depth, masked.logits,
-                                  masked.token_depth, capacity, model_config))
       if mode == 'compact':
         row['work'] = compact_work(predictors['compact'], masked.token_depth, model_config)
       if profile and mode in predictors:
@@ -91,16 +88,48 @@ def bench_model(name: str, model, model_config, images: np.ndarray, batch_sizes,
 
 
 def auto_picks(rows: list[dict]) -> dict:
-  """{batch: mode} that 'auto' picks from these timings: at each batch size the faster of
-  compact and masked (`inference.faster_exact_mode` on their seconds per batch, the rule
-  'auto' applies to its own timing), or dense where neither was timed (halting off)."""
+  """{batch: mode} that 'auto' picks when its first batch holds that many images, from the
+  speed-ups in the table (`inference.faster_exact_mode` on compact's and masked's time per
+  batch relative to dense's), or dense where neither exact mode was timed (halting off)."""
   picks = {}
   for b in dict.fromkeys(r['batch'] for r in rows):
-    seconds = {r['mode']: r['ms_per_batch'] for r in rows
+    seconds = {r['mode']: 1.0 / r['speed_up'] for r in rows
                if r['batch'] == b and r['mode'] in inference.EXACT_MODES}
     picks[b] = (inference.faster_exact_mode(seconds)
                 if set(seconds) == set(inference.EXACT_MODES) else 'dense')
   return picks
+
+
+def compact_layer_work(predictor, token_depth) -> dict:
+  """Per layer, what the halting with these token depths [B, N] needs against what compact's
+  program computes for it, from its plan (numpy, no timing): rows_running and
+  attention_running (the running tokens, the sum of their images' squared counts);
+  rows_computed (the MLP rows, the whole block's in the sequence layout);
+  attention_rows_computed and attention_computed (the padded rows of the attention groups,
+  their sum of G * n^2)."""
+  depth = np.asarray(token_depth)
+  batch, layers = depth.shape[0], predictor.model.depth
+  plan = predictor.plan(batch)
+  active = (depth[:, None, :] > np.arange(layers)[None, :, None]).sum(-1)
+  out = {k: [] for k in ('rows_running', 'attention_running', 'rows_computed',
+                         'attention_rows_computed', 'attention_computed')}
+  for counts in active.T:
+    counts = np.sort(counts)[::-1]
+    if plan.layout == 'sequence':
+      lengths = [min(n for n in plan.lengths if n >= counts[0]) if counts[0] else 0] * batch
+      rows = sum(lengths)
+    else:
+      _, numbers = packed.group_starts(counts, plan.lengths, plan.groups)
+      lengths = [n for n, g, k in zip(plan.lengths, plan.groups, numbers)
+                 for _ in range(int(k) * g)]
+      small = plan.chunk_rows // 4
+      rows = -(-int(counts.sum()) // small) * small
+    out['rows_running'].append(int(counts.sum()))
+    out['attention_running'].append(int((counts.astype(np.int64) ** 2).sum()))
+    out['rows_computed'].append(rows)
+    out['attention_rows_computed'].append(int(sum(lengths)))
+    out['attention_computed'].append(int(sum(n * n for n in lengths)))
+  return out
 
 
 def compact_work(predictor, token_depth, model_config) -> dict:
@@ -108,7 +137,7 @@ def compact_work(predictor, token_depth, model_config) -> dict:
   efficiency that work allows: the multiply-adds the halting needs over those compact's
   shapes compute (its padded rows too), the efficiency it would reach if every multiply-add
   ran at dense's speed and its bookkeeping were free."""
-  work = predictor.work(token_depth)
+  work = compact_layer_work(predictor, token_depth)
   batch = np.asarray(token_depth).shape[0]
   total = lambda key: float(sum(work[key]))  # noqa: E731
   outside = batch * flops.embed_head_gflops(model_config) * 1e9
@@ -124,58 +153,24 @@ def compact_work(predictor, token_depth, model_config) -> dict:
               per_layer={k: [int(v) for v in vs] for k, vs in work.items()})
 
 
-def capacity_check(logits, token_depth, masked_logits, masked_depth, capacity,
-                   model_config) -> dict:
-  """What the token budget did to a batch: tokens cut (ran fewer layers than in the masked
-  model), top-1 agreement and max logit difference with masked, and the GFLOPs per image the
-  budget executes (every slot of every layer)."""
-  budget_gflops = (flops.embed_head_gflops(model_config)
-                   + sum(flops.layer_macs(k, model_config) for k in capacity) / 1e9)
-  return dict(capacity=list(capacity), budget_gflops_per_image=float(budget_gflops),
-              tokens_cut=int((np.asarray(token_depth) < np.asarray(masked_depth)).sum()),
-              top1_agreement=float((np.asarray(logits).argmax(-1)
-                                    == np.asarray(masked_logits).argmax(-1)).mean()),
-              max_logit_diff=float(np.abs(np.asarray(logits) - np.asarray(masked_logits)).max()))
-
-
-def fashion_mnist_images(data: dict, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first `count` Fashion-MNIST images [B, 28, 28, 3] of `split` ('train', 'test'),
-  normalised as the checkpoint's metadata['data'] says, and their labels."""
-  from avit_jax.data import sources# pylint: disable=import-outside-toplevel  (tensorflow)
-  table = sources.fashion_mnist(data['data_dir'], split)
-  raw, labels = table.images[:count], table.labels[:count]
-  x = raw.astype(np.float32)[..., None].repeat(3, axis=-1) / 255.0
-  x = (x - np.asarray(data['mean'], np.float32)) / np.asarray(data['std'], np.float32)
-  return x, np.asarray(labels, np.int32)
-
-
-def capacity_accuracy(model, model_config, data: dict, quantiles=(1.0, 0.99, 0.9, 0.5),
-                      calibration_images: int = 2048, batch: int = 500) -> list[dict]:
-  """Accuracy effect of 'capacity' on the Fashion-MNIST test set: budgets calibrated on the
-  first training images at each quantile; top-1 against masked, tokens cut, and the GFLOPs
-  per image the budget executes against those masked uses."""
-  images, labels = fashion_mnist_images(data, 'test', 10_000)
-  calibration = jnp.asarray(fashion_mnist_images(data, 'train', calibration_images)[0])
-
-  def run(predict):
-    outs = [predict(jnp.asarray(images[i:i + batch])) for i in range(0, len(images), batch)]
-    return (np.concatenate([np.asarray(o.logits) for o in outs]),
-            np.concatenate([np.asarray(o.token_depth) for o in outs]))
-
-  logits, depth = run(inference.make_predict_fn(model, 'masked'))
-  used = float(np.mean(np.asarray(flops.gflops_per_image(depth, model_config))))
-  rows = [dict(mode='masked', top1=float((logits.argmax(-1) == labels).mean()),
-               gflops_per_image=used, tokens_cut_fraction=0.0)]
-  for q in quantiles:
-    budget = inference.calibrate_capacity(model, calibration, quantile=q)
-    c_logits, c_depth = run(inference.make_predict_fn(model, 'capacity', capacity=budget))
-    check = capacity_check(c_logits, c_depth, logits, depth, budget, model_config)
-    rows.append(dict(mode=f'capacity q={q}', capacity=list(budget),
-                     top1=float((c_logits.argmax(-1) == labels).mean()),
-                     gflops_per_image=check['budget_gflops_per_image'],
-                     tokens_cut_fraction=check['tokens_cut'] / depth.size,
-                     top1_agreement=check['top1_agreement']))
-  return rows
+def checkpoint_images(checkpoint: str, data_dir: str, count: int):
+  """(first `count` eval images, model, model config) of a trained Fashion-MNIST checkpoint:
+  the images of its workdir's config (else configs/fashion_mnist.py) from `data_dir`,
+  normalised as the checkpoint's metadata says."""
+  from avit_jax import models  # pylint: disable=import-outside-toplevel
+  from avit_jax.analysis import figures  # pylint: disable=import-outside-toplevel
+  from avit_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  model, metadata = models.load(checkpoint)
+  mc = ml_collections.ConfigDict(metadata['model'])
+  data = metadata.get('data') or {}
+  if mc.image_size != 28 or data.get('source', 'fashion_mnist') != 'fashion_mnist':
+    raise ValueError(f'--checkpoint: only Fashion-MNIST models are timed on real test images, '
+                     f'got image_size {mc.image_size}, data {data.get("source")!r}')
+  config = figures.workdir_config(checkpoint) or command_line.load_config(os.path.join(
+      os.path.dirname(__file__), '..', '..', 'configs', 'fashion_mnist.py'))
+  config = command_line.load_config(config, [f'--config.data.data_dir={data_dir}'])
+  config.data.mean, config.data.std = figures.data_stats(metadata, config)
+  return pipeline.eval_images(config, count)[0], model, mc
 
 
 def main(argv=None) -> dict:
@@ -208,6 +203,7 @@ def main(argv=None) -> dict:
   parser.add_argument('--quick', action='store_true',
                       help='DeiT-T geometry only, batches up to 8, 2 rounds, 8 latency images')
   args = parser.parse_args(argv)
+  command_line.quiet_libraries()
   # Every option is checked before any work, with or without --quick; --quick never drops
   # what was asked for explicitly.
   text = args.batch_sizes or ('1,8' if args.quick else '1,8,64')
@@ -233,17 +229,20 @@ def main(argv=None) -> dict:
                    f'{",".join(map(str, batch_sizes))}')
     reps, train_batch, latency_images = 2, 8, min(latency_images, 8)
     args.min_seconds, args.compile_repeats = 0.0, 1
-  result = dict(machine=report.machine(), batch_sizes=batch_sizes, reps=reps,
+  command = ' '.join(['python -m avit_jax.benchmark']
+                     + list(sys.argv[1:] if argv is None else argv))
+  result = dict(machine=report.machine(), date=datetime.date.today().isoformat(),
+                command=command, batch_sizes=batch_sizes, reps=reps,
                 min_seconds=args.min_seconds, compile_repeats=args.compile_repeats, rows=[],
                 latency=[], profiles={}, train_step={}, auto={})
   log = lambda s: print(s, flush=True)  # noqa: E731
   log(f'# {result["machine"]}')
   largest = max(batch_sizes + [latency_images])
 
-  def run(name, model, mc, images, capacity):
+  def run(name, model, mc, images):
     torch_seconds = None if args.no_torch else measure.torch_peer_seconds(
         mc, batch_sizes, reps, args.torch_threads)
-    rows, latency = bench_model(name, model, mc, images, batch_sizes, reps, capacity=capacity,
+    rows, latency = bench_model(name, model, mc, images, batch_sizes, reps,
                                 torch_seconds=torch_seconds, latency_images=latency_images,
                                 min_seconds=args.min_seconds,
                                 compile_repeats=max(1, args.compile_repeats),
@@ -251,8 +250,8 @@ def main(argv=None) -> dict:
     result['rows'] += rows
     result['latency'] += latency
     result['auto'][name] = auto_picks(rows)
-    log(f'# {name}: mode auto picks (the faster exact mode timed above) ' + ', '.join(
-        f'{m} at batch {b}' for b, m in result['auto'][name].items()))
+    log(f'# {name}: mode auto, by the speed-ups above, picks ' + ', '.join(
+        f'{m} when its first batch holds {b} images' for b, m in result['auto'][name].items()))
 
   for variant in variants:
     mc = config_lib.model_config(variant)
@@ -264,9 +263,7 @@ def main(argv=None) -> dict:
     result['profiles'][mc.variant] = info
     rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in info.items()}
     log(f'# {mc.variant}: halting profile {json.dumps(rounded)}')
-    capacity = inference.calibrate_capacity(model, jnp.asarray(calibration))
-    log(f'# {mc.variant}: capacity calibrated on the calibration images: {capacity}')
-    run(mc.variant, model, mc, profiles.synthetic_images(largest, mc.image_size, 2), capacity)
+    run(mc.variant, model, mc, profiles.synthetic_images(largest, mc.image_size, 2))
     train = measure.train_step_times(mc, train_batch, reps)
     result['train_step'][mc.variant] = train
     log(f'# {mc.variant} train step (batch {train_batch}): '
@@ -274,24 +271,8 @@ def main(argv=None) -> dict:
         + f'; halting overhead {100 * train["halting_overhead"]:+.1f}% wall '
         '(median of the per-round ratios, which can differ from the medians\' ratio)')
   if args.checkpoint:
-    from avit_jax import models  # pylint: disable=import-outside-toplevel
-    model, metadata = models.load(args.checkpoint)
-    mc = ml_collections.ConfigDict(metadata['model'])
-    data = metadata.get('data') or {}
-    if mc.image_size != 28 or data.get('source', 'fashion_mnist') != 'fashion_mnist':
-      raise ValueError(f'--checkpoint: only Fashion-MNIST models are timed on real test images, '
-                       f'got image_size {mc.image_size}, data {data.get("source")!r}')
-    data = dict(data, data_dir=args.data_dir)
-    name = mc.get('variant', 'checkpoint')
-    capacity = inference.calibrate_capacity(
-        model, jnp.asarray(fashion_mnist_images(data, 'train', 2048)[0]))
-    log(f'# {name}: capacity calibrated on 2048 training images: {capacity}')
-    run(name, model, mc, fashion_mnist_images(data, 'test', largest)[0], capacity)
-    result['capacity_accuracy'] = capacity_accuracy(model, mc, data)
-    for r in result['capacity_accuracy']:
-      log(f'# {name} test set, {r["mode"]}: top-1 {r["top1"]:.4f}, {r["gflops_per_image"]:.5f} '
-          f'GFLOPs/img, tokens cut {100 * r["tokens_cut_fraction"]:.2f}%'
-          + (f', budget {r["capacity"]}' if 'capacity' in r else ''))
+    images, model, mc = checkpoint_images(args.checkpoint, args.data_dir, largest)
+    run(mc.get('variant', 'checkpoint'), model, mc, images)
   log('\n' + report.format_table(result['rows']))
   if result['latency']:
     log('\n' + report.format_latency(result['latency']))

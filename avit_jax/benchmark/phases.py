@@ -6,7 +6,7 @@ removal's bookkeeping, embedding and head).
 Works on the CPU backend, whose trace names every event after the operation of the compiled
 program it ran; elsewhere `phase_times` returns None. The times are sums over events: an
 operation whose work XLA splits over several threads counts each part, so a mode's total can
-exceed its wall time (dense DeiT-T on 2 cores: by 7-12%), while a chain of small operations
+exceed its wall time, while a chain of small operations
 in a loop sums to about its wall time. Compare phases, and modes phase by phase.
 """
 

@@ -1,4 +1,4 @@
-"""The benchmark's tables: text for the terminal, Markdown for the README."""
+"""The benchmark's tables: text for the terminal, Markdown for a file (--markdown)."""
 
 from __future__ import annotations
 
@@ -93,11 +93,19 @@ def format_phases(rows: list[dict]) -> str:
 
 
 def format_markdown(result: dict) -> str:
-  """One throughput and one latency table per model (the README's), then compact's work."""
-  out = []
+  """The tables as a Markdown page: dated once at its top, with the machine and the command
+  that produced it; then per model one throughput and one latency table and compact's
+  work."""
+  date = result.get('date', 'an unrecorded date')
+  machine_ = result.get('machine', 'an unrecorded machine')
+  command = result.get('command', 'python -m avit_jax.benchmark')
+  out = ['# Benchmark: dense DeiT against the A-ViT inference modes', '',
+         f'Measured on {date} on {machine_}, by `{command}`. docs/inference.md says how to '
+         'read the tables.', '']
+  auto = result.get('auto') or {}
   for model in dict.fromkeys(r['model'] for r in result['rows']):
     mine = [r for r in result['rows'] if r['model'] == model]
-    out += [f'{model}:', '',
+    out += [f'## {model}', '',
             '| batch | mode | img/s | ms/batch | GFLOPs/img | speed-up | ideal | efficiency '
             '| CPU-time efficiency | first-batch compile | host reads |',
             '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -119,6 +127,9 @@ def format_markdown(result: dict) -> str:
       out += [f'| {r["batch"]} | {r["work"]["layout"]} | {r["work"]["rows_rounding"]:.3f} | '
               f'{r["work"]["attention_rows_padding"]:.3f} | {r["work"]["attention_padding"]:.3f} | '
               f'{r["work"]["efficiency_ceiling"]:.3f} | {r["efficiency"]:.2f} |' for r in work]
+    if model in auto:
+      out += ['', 'Mode auto, by the speed-ups above, picks ' + ', '.join(
+          f'{m} when its first batch holds {b} images' for b, m in auto[model].items()) + '.']
     profiled = _phase_rows(mine)
     if profiled:
       out += ['', 'Where the time goes: device ms per forward by phase (in brackets, the share '

@@ -1,11 +1,9 @@
 """compact's packed layout (batches above 1): the running tokens of the whole batch as rows,
-image after image, the images in decreasing order of running tokens. The block's attention
-branch (`vit.Block.attention_branch`) runs per group of images (their number set per
-length bucket), on a [G, n] layout of their states padded to the group's longest image; its
-MLP branch (`vit.Block.mlp_branch`, two thirds of its weights) on the rows, in a loop of
-fixed-size steps. A repack after each layer drops the halted rows and re-sorts the images
-without moving the token states (an index map). Layers read and write the two halves of
-one buffer in turn."""
+image after image, the images in decreasing order of running tokens. The attention branch
+(`vit.Block.attention_branch`) runs per group of images on a [G, n] layout of their states
+padded to the group's longest image; the MLP branch (`vit.Block.mlp_branch`) on the rows, in
+a loop of fixed-size steps. A repack after each layer drops the halted rows and re-sorts the
+images without moving the token states (the next layer reads them through an index map)."""
 
 from __future__ import annotations
 
@@ -16,20 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from avit_jax.inference.common import class_logits, removal_output, update_class_output
-from avit_jax.inference.shapes import Plan
+from avit_jax.inference.common import block_at, removal_output, update_special_outputs
 from avit_jax.models import halting as halting_lib
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-  """The bookkeeping of the batch's token rows (R = B*N, rounded up to whole MLP steps).
-
-  The running tokens come first, image after image (images in decreasing order of
-  running tokens, ties by index), each image's tokens in their original order, so its
-  class token, while it runs, is its first row. image = B on rows that hold no token.
-  """
+  """The batch's token rows (R = B*N rounded up to whole MLP steps): running tokens
+  first, image after image (decreasing running count, ties by index), each image's in
+  their original order, so its special tokens, while they run, are its first rows. image =
+  B on rows that hold no token."""
   image: jax.Array      # [R] int32
   token: jax.Array      # [R] int32
   state: halting_lib.HaltingState  # [R]
@@ -56,14 +51,10 @@ def _layout(counts_by_image, slots: int) -> _Layout:
 
 
 def group_starts(counts, lengths, groups):
-  """The groups of the attention branch from images sorted by decreasing count: for each
-  length bucket (longest first), its first image and number of groups.
-
-  A bucket's groups, of groups[k] images each, start at the first image no earlier group
-  holds and cover every image whose count needs that length; its last group fills up with
-  the next images (shorter ones, padded to this length, or empty slots). Works on numpy
-  and jax arrays alike (the benchmark's `work` mirrors the program with it).
-  """
+  """For each length bucket, the first image and the number of its attention groups, the
+  images sorted by decreasing count: a bucket's groups of groups[k] images start at the
+  first image no longer bucket's groups hold and cover every image that needs this length
+  (the last group filled up with shorter images or empty slots). numpy or jax arrays."""
   xp = jnp if isinstance(counts, jax.Array) else np
   start, starts, numbers = 0, [], []
   for k in reversed(range(len(lengths))):
@@ -75,18 +66,15 @@ def group_starts(counts, lengths, groups):
   return starts[::-1], numbers[::-1]
 
 
-def _attention_groups(block, states, source, write, layout: _Layout, plan: Plan):
-  """The block's attention branch, x + attention(norm1(x)), of every image, group by group
-  on [G, n] padded layouts (G = plan.groups[k] images at length n = plan.lengths[k]).
-
-  Gathers the states of each group's tokens from `states` [2P, D] through `source` (the
+def _attention_groups(block, states, source, write, layout: _Layout, plan):
+  """The attention branch of every image, group by group on [G, n] padded layouts (G =
+  plan.groups[k] images at length n = plan.lengths[k]). Gathers the states of each group's tokens from `states` [2P, D] through `source` (the
   repack's index map, into the half the last layer wrote) and writes each running token's
-  output to its packed position in the other half, which starts at row `write`. The
-  token-wise projections run here rather than on the rows: they then compute the padding
-  slots too, but need no [P, 3D] qkv buffer, no gathers of 3D-wide rows and no second read
-  of the states (measured on CPU: as fast or faster, as long to compile). The groups of
-  each length are a contiguous range of the sorted images (`group_starts`): one loop per
-  length, each with a body of static shape.
+  output to its packed position in the other half, which starts at row `write`. The qkv
+  and output projections run here on the padded layout rather than on the rows: that
+  computes the padding slots too, but needs no [P, 3D] qkv buffer and no gathers of
+  3D-wide rows. The groups of each length are a contiguous range of the sorted images
+  (`group_starts`): one loop per length, each with a body of static shape.
   """
   # Every image's indices at the full length, computed once per layer; each group's body
   # slices its images'. Padding slots re-read their image's first row: an image never
@@ -113,51 +101,31 @@ def _attention_groups(block, states, source, write, layout: _Layout, plan: Plan)
   return states
 
 
-def _token_rows(fn, out, first, total, chunk: int):
-  """out [R, ...] with its rows start .. start + size replaced by fn(out, start, size), for
-  the `total` rows from row `first` on (fn token-wise: those rows depend on those rows only).
-
-  Whole steps of `chunk` rows (R - first a multiple of it), then the rest in steps of a
-  quarter chunk: two compiled bodies, at most chunk / 4 - 1 rows computed in vain, which
-  matters for small batches, whose layers hold a few hundred rows.
-  """
+def _mlp_rows(block, states, first, total, chunk: int):
+  """The MLP branch (token-wise) on the `total` rows of `states` from row `first` on: whole
+  steps of `chunk` rows, then the rest in quarter steps, so a layer computes at most a
+  quarter step of rows in vain (which matters for small batches) with two loop bodies."""
   small = chunk // 4
 
   def steps(size, offset):
     def step(i, out):
       start = offset + i * size
-      return jax.lax.dynamic_update_slice_in_dim(out, fn(out, start, size), start, axis=0)
+      y = block.mlp_branch(jax.lax.dynamic_slice_in_dim(out, start, size))
+      return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=0)
     return step
 
   whole = total // chunk
-  out = jax.lax.fori_loop(0, whole, steps(chunk, first), out)
+  states = jax.lax.fori_loop(0, whole, steps(chunk, first), states)
   return jax.lax.fori_loop(0, (total - whole * chunk + small - 1) // small,
-                           steps(small, first + whole * chunk), out)
-
-
-def _run_block(block, states, source, write, layout: _Layout, plan: Plan):
-  """vit.Block on the packed rows: its attention branch per group of images, its MLP
-  branch on the rows in steps of plan.chunk_rows. `states` [2P, D] holds the last layer's
-  outputs in one half, in that layer's order, read through `source`; this layer's go to
-  the other half, from row `write` on. Returns `states` so updated."""
-  total = jnp.sum(layout.counts)
-
-  def mlp(states, start, size):
-    return block.mlp_branch(jax.lax.dynamic_slice_in_dim(states, start, size))
-
-  states = _attention_groups(block, states, source, write, layout, plan)
-  return _token_rows(mlp, states, write, total, plan.chunk_rows)
+                           steps(small, first + whole * chunk), states)
 
 
 def _repack(rows: _Rows, batch: int, slots: int):
-  """Running rows to the front, image after image in decreasing order of running tokens.
-
-  Returns (rows, source, layout): the rows' bookkeeping in the new order, and for each new
-  position the old one (`source`), through which the next layer reads the token states
-  instead of moving them. A running row's place in its image is the number of running rows
-  before it, minus those before its image's first running row (an image's rows are
-  contiguous), so this is cumulative sums and one gather, no sort over rows.
-  """
+  """Running rows to the front, image after image in decreasing order of running tokens:
+  (rows in the new order, `source` = each new row's old position, through which the next
+  layer reads the token states instead of moving them, layout). A running row's place in
+  its image is the number of running rows before it less those before its image's first:
+  cumulative sums and one gather, no sort over rows."""
   total_rows = rows.image.shape[0]
   running = (rows.state.mask > 0) & (rows.image < batch)
   image = jnp.minimum(rows.image, batch)
@@ -178,9 +146,9 @@ def _repack(rows: _Rows, batch: int, slots: int):
                              state=state), source, layout
 
 
-def forward(model, blocks, stacked, x, plan: Plan):
+def forward(model, x, plan):
   b, n, d = x.shape
-  depth = model.depth
+  depth, p = model.depth, model.num_prefix_tokens
   slots = b + max(plan.groups)
   chunk = plan.chunk_rows
   # P rows: every token, rounded up to whole MLP steps; rows past B*N never hold a token.
@@ -197,14 +165,15 @@ def forward(model, blocks, stacked, x, plan: Plan):
              jnp.zeros((b * depth * n,), jnp.float32))
 
   def run_layer(layer, carry):
-    states, source, rows, layout, results, class_output = carry
-    block = blocks.block(stacked, layer)
+    states, source, rows, layout, results, outputs = carry
+    block = block_at(model, layer)
     # Layers alternate between the two halves of `states`: each reads the half the one
     # before wrote. One carried buffer updated in place; swapping two buffers between
     # loop iterations would make XLA copy both in every layer.
     read = (layer % 2) * total_rows
     write = total_rows - read
-    states = _run_block(block, states, source + read, write, layout, plan)
+    states = _attention_groups(block, states, source + read, write, layout, plan)
+    states = _mlp_rows(block, states, write, jnp.sum(layout.counts), plan.chunk_rows)
     y = jax.lax.dynamic_slice_in_dim(states, write, total_rows)
     new, weight, score = model.halting_step(rows.state, y, layer)
     with jax.named_scope('halting'):
@@ -215,19 +184,17 @@ def forward(model, blocks, stacked, x, plan: Plan):
       results = (depths.at[flat].set(new.depth, mode='drop'),
                  ponders.at[flat].set(new.ponder, mode='drop'),
                  scores.at[flat_scores].set(score, mode='drop'))
-      # Each image's class token is its first row while it runs.
-      first = jnp.minimum(layout.firsts, total_rows - 1)
-      is_class = (layout.counts > 0) & (rows.token[first] == 0)
-      image = jnp.minimum(layout.images, b - 1)
-      updated = update_class_output(class_output[image], is_class, y[first], weight[first])
-      class_output = class_output.at[jnp.where(is_class, layout.images, b)].set(updated,
-                                                                                mode='drop')
+      # An image's special tokens, while they run, are among its first P rows.
+      at = jnp.concatenate([jnp.minimum(layout.firsts + j, total_rows - 1) for j in range(p)])
+      ran = jnp.concatenate([layout.counts > j for j in range(p)])
+      outputs = update_special_outputs(outputs, jnp.tile(layout.images, p), rows.token[at],
+                                       ran, y[at], weight[at])
     with jax.named_scope('repack'):
       rows, source, layout = _repack(dataclasses.replace(rows, state=new), b, slots)
-    return states, source, rows, layout, results, class_output
+    return states, source, rows, layout, results, outputs
 
   carry = (jnp.concatenate([x, jnp.zeros_like(x)]), jnp.arange(total_rows, dtype=jnp.int32),
-           rows, layout, results, jnp.zeros((b, d), jnp.float32))
-  *_, (depths, ponders, scores), class_output = jax.lax.fori_loop(0, depth, run_layer, carry)
-  return removal_output(model, class_logits(model, class_output), depths.reshape(b, n),
-                        ponders.reshape(b, n), scores.reshape(b, depth, n))
+           rows, layout, results, jnp.zeros((b, p, d), jnp.float32))
+  *_, (depths, ponders, scores), outputs = jax.lax.fori_loop(0, depth, run_layer, carry)
+  return removal_output(model, outputs, depths.reshape(b, n), ponders.reshape(b, n),
+                        scores.reshape(b, depth, n))
