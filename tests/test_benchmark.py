@@ -67,8 +67,7 @@ def test_rows_are_consistent():
   # Dated and named once, at the top.
   assert markdown.count('DAY') == markdown.count('HOST') == 1
   assert markdown.splitlines()[2].startswith('Measured on DAY on HOST, by `CMD`.')
-  assert ('picks masked when its first batch holds 1 images, compact when its first batch '
-          'holds 4 images.') in markdown
+  assert 'picks masked at batch 1, compact at batch 4 (the batch of its first call).' in markdown
   assert markdown.count('| 4 | compact |') == 1 and 'PyTorch (transformers ViT)' in markdown
   assert 'Batch-1 latency over 3 images' in markdown
   assert f'{rows[2]["work"]["efficiency_ceiling"]:.3f} | {rows[2]["efficiency"]:.2f} |' in markdown

@@ -251,7 +251,8 @@ def main(argv=None) -> dict:
     result['latency'] += latency
     result['auto'][name] = auto_picks(rows)
     log(f'# {name}: mode auto, by the speed-ups above, picks ' + ', '.join(
-        f'{m} when its first batch holds {b} images' for b, m in result['auto'][name].items()))
+        f'{m} at batch {b}' for b, m in result['auto'][name].items())
+        + ' (the batch of its first call)')
 
   for variant in variants:
     mc = config_lib.model_config(variant)

@@ -129,7 +129,7 @@ def format_markdown(result: dict) -> str:
               f'{r["work"]["efficiency_ceiling"]:.3f} | {r["efficiency"]:.2f} |' for r in work]
     if model in auto:
       out += ['', 'Mode auto, by the speed-ups above, picks ' + ', '.join(
-          f'{m} when its first batch holds {b} images' for b, m in auto[model].items()) + '.']
+          f'{m} at batch {b}' for b, m in auto[model].items()) + ' (the batch of its first call).']
     profiled = _phase_rows(mine)
     if profiled:
       out += ['', 'Where the time goes: device ms per forward by phase (in brackets, the share '
