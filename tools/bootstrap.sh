@@ -11,7 +11,10 @@ if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
-STAMP=.venv/.installed-$(cat setup.py constraints.txt | sha1sum | cut -c1-12)
+# Reinstalled when the pins or the package layout change: an editable install made for
+# another layout may not find new subpackages outside the repository root.
+STAMP=.venv/.installed-$( (cat setup.py constraints.txt; find avit_jax -name __init__.py | sort) \
+  | sha1sum | cut -c1-12)
 if [ ! -f "$STAMP" ]; then
   echo "bootstrap: creating .venv and installing avit_jax[test] (pinned by constraints.txt)" >&2
   python3 -m venv .venv
