@@ -1,10 +1,23 @@
-"""Test set-up: 8 fake CPU devices (set before jax is imported) and the `slow` marker."""
+"""Test set-up (before jax is imported): 8 fake CPU devices, one persistent compilation cache
+for the session, and the `slow` marker."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests compile the same programs (the tiny training run, in this process and in the
+# commands they start, which inherit the environment): a compilation cache shared by all
+# of them compiles each once. A cached executable is the code a compile would give, so
+# results are the same (bitwise comparisons between runs included). Only compiles of
+# 0.5 s or more are stored; the many small ones cost more to store than to redo.
+_CACHE_DIR = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix='avit_jax_tests_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE_DIR
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 # Make `configs` importable however pytest is started.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -14,8 +27,15 @@ FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
 def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: long test (CI runs it; -m "not slow" skips)')
+  config.addinivalue_line('markers', 'slow: long end-to-end run, only in `bash tools/test.sh '
+                          '--all` (the default tier runs -m "not slow")')
   config.addinivalue_line('markers', 'multiprocess: starts several Python processes')
+
+
+def pytest_unconfigure(config):
+  del config
+  if _CACHE_DIR:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

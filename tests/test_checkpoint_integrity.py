@@ -352,26 +352,18 @@ def test_problems_name_the_array_and_the_file(run, tmp_path):
 # -- whole runs and commands ----------------------------------------------------------------
 
 
-@pytest.mark.slow  # two short trainings, 20 s on one core: compiling their steps
-def test_resume_past_a_damaged_step_ends_like_an_undamaged_resume(run, tmp_path):
-  """A damaged newest step: the rerun resumes from step 2 and ends bitwise where a rerun of
-  an undamaged copy that resumes from step 2 ends (and where the uninterrupted run did)."""
+def test_resume_past_a_damaged_step_ends_like_the_uninterrupted_run(run, tmp_path):
+  """A damaged newest step: the rerun resumes from step 2, redoes steps 3 and 4, and ends
+  bitwise where the uninterrupted run did (metrics and step 4's parameters)."""
   damaged = str(tmp_path / 'damaged')
   shutil.copytree(run['workdir'], damaged)
   _damage(_target(os.path.join(damaged, 'checkpoints', '4'), 'params/chunk'), 'flip')
-  clean = str(tmp_path / 'clean')
-  shutil.copytree(run['workdir'], clean)
-  shutil.move(os.path.join(clean, 'checkpoints', '4'), str(tmp_path / 'step4_elsewhere'))
-  results = {}
-  for name, workdir in (('damaged', damaged), ('clean', clean)):
-    results[name] = train.train_and_evaluate(run['config'], workdir, devices=jax.devices()[:1])
-    results[name].pop('images_per_second')
-  assert results['damaged'] == results['clean']
+  result = train.train_and_evaluate(run['config'], damaged, devices=jax.devices()[:1])
+  result.pop('images_per_second')
   expected = dict(run['metrics'])
   expected.pop('images_per_second')
-  assert results['damaged'] == expected
+  assert result == expected
   step4 = lambda w: _flat(checkpoints.load_params(os.path.join(w, 'checkpoints', '4'))[0])
-  _assert_bitwise(step4(damaged), step4(clean))
   _assert_bitwise(step4(damaged), step4(run['workdir']))
   assert sorted(os.listdir(os.path.join(damaged, 'checkpoints'))) == ['2', '4', '4.corrupt-1']
 

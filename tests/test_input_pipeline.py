@@ -314,7 +314,6 @@ def _fake_imagenet_archives(manual_dir):
       add(t, f'ILSVRC2012_val_{i:08d}.JPEG', jpeg(200))
 
 
-@pytest.mark.slow
 def test_imagenet2012_through_tfds(tmp_path):
   _fake_imagenet_archives(tmp_path / 'manual')
   config = data_config(tmp_path / 'data', source='imagenet2012')

@@ -25,7 +25,7 @@ DEADLINE_S = 300  # for one launch of the command, compile and all
 HEARTBEAT_S = 5
 STEPS = 12  # of the runs compared with the reference run
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = pytest.mark.multiprocess
 
 
 def _flags(workdir, data_dir, steps: int, extra=()) -> list[str]:
@@ -135,22 +135,47 @@ def single(tmp_path_factory, fashion_mnist_dir):
   return workdir
 
 
-def test_two_processes_train_evaluate_and_write_figures_as_one(single, tmp_path,
-                                                               fashion_mnist_dir):
-  workdir = tmp_path / 'pod'
-  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS)
-  run.succeed()
-  pod = _eval(workdir)
-  _assert_same_metrics(pod, _eval(single))
-  assert pod['num_images'] == 256
-  # Process 0 alone writes the figures, config.json, eval.json and events.
-  assert 'wrote 16 figures' in run.log(0) and 'figures' not in run.log(1)
+@pytest.fixture(scope='module')
+def pod(single, tmp_path_factory, fashion_mnist_dir):
+  """2 processes x 2 devices, STEPS steps, stopped by SIGTERM to process 1 after step 2 and
+  rerun with the same commands: (workdir, the stopped launch, the resumed launch)."""
+  workdir = tmp_path_factory.mktemp('pod') / 'run'
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
+               extra=['--config.write_depth_maps=False'])
+  run.wait_for_line(1, f'step 2/{STEPS}')
+  run.procs[1].signal(signal.SIGTERM)
+  assert run.wait() == [143, 143], (run.log(0)[-2000:], run.log(1)[-2000:])
+  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
+                   tag='resume')
+  resumed.succeed()
+  return workdir, run, resumed
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step(single, pod):
+  workdir, run, resumed = pod
+  stopped = {_stopped_step(run.log(i)) for i in (0, 1)}
+  assert len(stopped) == 1, stopped  # the same step on both
+  step = stopped.pop()
+  assert 2 <= step < STEPS
+  assert f'resumed from {workdir}/checkpoints/{step}' in resumed.log(0)
+  # The same commands again resumed and ended where an uninterrupted one-process run ends.
+  _assert_same_metrics(_eval(workdir), _eval(single))
+
+
+def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fashion_mnist_dir):
+  workdir, run, resumed = pod
+  pod_eval = _eval(workdir)
+  assert pod_eval['num_images'] == 256
+  # Process 0 alone writes the figures, config.json, eval.json and events (one file a launch).
+  assert 'wrote 16 figures' in resumed.log(0) and 'figures' not in resumed.log(1)
   assert len(os.listdir(workdir / 'figures' / 'depth_maps')) == 8
-  assert len([n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]) == 1
-  assert _steps(workdir) == [4, 8, 12]
+  assert len([n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]) == 2
+  assert _steps(workdir)[-2:] == [8, 12]
   # Its checkpoints read and verify in one process, and evaluate to the same metrics.
   checked = _verify(workdir)
-  assert checked.returncode == 0 and '3 of 3 checkpoint(s) intact' in checked.stdout, checked
+  count = len(_steps(workdir))
+  assert checked.returncode == 0, checked
+  assert f'{count} of {count} checkpoint(s) intact' in checked.stdout, checked
   evaluation = Launch(workdir, fashion_mnist_dir, num_processes=1, devices=1, steps=STEPS,
                       extra=['--mode=eval'], tag='eval')
   evaluation.succeed()
@@ -166,34 +191,19 @@ def test_two_processes_train_evaluate_and_write_figures_as_one(single, tmp_path,
                                atol=1e-3 * np.abs(value).max(), err_msg=name)
 
 
-def test_sigterm_to_one_process_stops_every_process_at_one_step(single, tmp_path,
-                                                                 fashion_mnist_dir):
+def test_a_second_run_is_refused_a_dead_process_stops_the_other_and_a_damaged_shard_is_found(
+    tmp_path, fashion_mnist_dir):
+  """One run with every array split over both processes (mesh.fsdp=4), through four faults:
+  a second run on its workdir, kill -9 of one process, a byte flipped in a shard of the
+  newest checkpoint that only process 1 wrote, and the restart that must fall back past it."""
   workdir = tmp_path / 'pod'
-  steps, extra = STEPS, ['--config.write_depth_maps=False']
-  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=steps, extra=extra)
-  run.wait_for_line(1, f'step 2/{steps}')
-  run.procs[1].signal(signal.SIGTERM)
-  assert run.wait() == [143, 143], (run.log(0)[-2000:], run.log(1)[-2000:])
-  stopped = {_stopped_step(run.log(i)) for i in (0, 1)}
-  assert len(stopped) == 1, stopped  # the same step on both
-  step = stopped.pop()
-  assert 2 <= step < steps and step in _steps(workdir)
-  # The same commands again resume and end where an uninterrupted run ends.
-  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=steps,
-                   extra=extra, tag='resume')
-  resumed.succeed()
-  assert f'resumed from {workdir}/checkpoints/{step}' in resumed.log(0)
-  _assert_same_metrics(_eval(workdir), _eval(single))
-
-
-def test_a_second_run_is_refused_and_a_dead_process_stops_the_other(tmp_path,
-                                                                     fashion_mnist_dir):
-  workdir = tmp_path / 'pod'
-  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=10_000)
-  run.wait_for_line(0, 'step 5/')  # the checkpoint of step 4 is written
+  fsdp = ['--config.mesh.fsdp=4']
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=10_000, extra=fsdp)
+  # Saves are asynchronous, one at a time: once step 12's starts, steps 4 and 8 are complete.
+  run.wait_for_line(0, 'step 13/')
   # Another run on the same workdir: every one of its processes is refused, with the reason.
   second = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=10_000,
-                  tag='second')
+                  extra=fsdp, tag='second')
   assert second.wait() == [1, 1]
   for i in (0, 1):
     assert 'another run (pid' in second.log(i) and 'is using workdir' in second.log(i)
@@ -204,40 +214,30 @@ def test_a_second_run_is_refused_and_a_dead_process_stops_the_other(tmp_path,
   assert code[0] != 0
   assert time.monotonic() - killed_at < HEARTBEAT_S + 60
   assert 'another task died' in run.log(0) or 'Gloo' in run.log(0), run.log(0)[-3000:]
-  # The same commands resume from the newest intact step (a shorter run: steps may change).
-  newest = max(_steps(workdir))
-  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=newest + 4,
-                   extra=['--config.write_depth_maps=False'], tag='resume')
-  resumed.succeed()
-  assert f'resumed from {workdir}/checkpoints/' in resumed.log(0)
-  assert _eval(workdir)['step'] == newest + 4
-
-
-def test_a_damaged_shard_on_one_host_is_found_and_every_process_falls_back(tmp_path,
-                                                                          fashion_mnist_dir):
-  workdir = tmp_path / 'pod'
-  fsdp = ['--config.mesh.fsdp=4']  # every array split over both processes
-  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=8, extra=fsdp)
-  run.succeed()
-  assert 'wrote 16 figures' in run.log(0)  # from parameters no process holds whole
-  # Flip one byte in the middle of the largest array file process 1 wrote for step 8.
-  data = workdir / 'checkpoints' / '8' / 'params' / 'ocdbt.process_1' / 'd'
+  # Flip one byte in the middle of the largest array file process 1 wrote for the newest step.
+  steps = _steps(workdir)
+  newest, intact = steps[-1], steps[-2]
+  data = workdir / 'checkpoints' / str(newest) / 'params' / 'ocdbt.process_1' / 'd'
   target = max(data.iterdir(), key=lambda p: p.stat().st_size)
   raw = bytearray(target.read_bytes())
   raw[len(raw) // 2] ^= 0xFF
   target.write_bytes(bytes(raw))
   checked = _verify(workdir)
   assert checked.returncode == 1, checked
-  assert f'{workdir}/checkpoints/8: DAMAGED' in checked.stdout
-  assert '1 of 2 checkpoint(s) intact, 1 damaged' in checked.stdout
-  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=12,
-                   extra=fsdp + ['--config.write_depth_maps=False'], tag='resume')
+  assert f'{workdir}/checkpoints/{newest}: DAMAGED' in checked.stdout
+  assert f'{len(steps) - 1} of {len(steps)} checkpoint(s) intact, 1 damaged' in checked.stdout
+  # The same commands (a shorter run: steps may change) resume, every process from the
+  # newest intact step, and write the damaged step anew.
+  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=newest + 4,
+                   extra=fsdp, tag='resume')
   resumed.succeed()
   for i in (0, 1):
-    assert 'resuming from step 4, the newest intact checkpoint' in resumed.log(i)
+    assert f'resuming from step {intact}, the newest intact checkpoint' in resumed.log(i)
+  assert f'resumed from {workdir}/checkpoints/{intact}' in resumed.log(0)
   assert 'moved damaged checkpoint' in resumed.log(0)
-  assert _steps(workdir) == [4, 8, 12]  # step 8 written anew
-  assert _eval(workdir)['step'] == 12
+  assert _steps(workdir)[-2:] == [newest, newest + 4]  # the damaged step written anew
+  assert _eval(workdir)['step'] == newest + 4
+  assert 'wrote 16 figures' in resumed.log(0)  # from parameters no process holds whole
 
 
 def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path, fashion_mnist_dir):
