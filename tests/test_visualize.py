@@ -56,8 +56,11 @@ def test_patch_grid_and_upsample_by_hand():
   np.testing.assert_array_equal(plots.patch_grid(depth), [[1, 2], [3, 4]])
   np.testing.assert_array_equal(plots.upsample(np.array([[1, 2], [3, 4]]), 4, 4),
                                 [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]])
+  # A distilled model: class and distillation tokens, then the grid.
+  distilled = np.array([3, 2, 1, 2, 3, 4], np.float32)
+  np.testing.assert_array_equal(plots.patch_grid(distilled), [[1, 2], [3, 4]])
   with pytest.raises(ValueError, match='1 \\+ G\\*G'):
-    plots.patch_grid(np.ones(6))
+    plots.patch_grid(np.ones(7))
   with pytest.raises(ValueError, match='multiple of the patch grid'):
     plots.upsample(np.ones((2, 2)), 5, 4)
 

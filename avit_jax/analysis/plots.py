@@ -2,8 +2,8 @@
 
 Pure numpy in, matplotlib `Figure` out; runs no model and touches no global pyplot state
 (figures are built with `matplotlib.figure.Figure`, which renders with Agg, so no display
-is needed). Shapes: B images, N tokens (class token at 0, then patches row-major),
-L layers, H x W pixels, G = sqrt(N - 1) patches per side.
+is needed). Shapes: B images, N tokens (class token at 0, a distilled model's distillation
+token at 1, then patches row-major), L layers, H x W pixels, G patches per side.
 """
 
 from __future__ import annotations
@@ -23,15 +23,26 @@ HALTING_PLOT_SIZE = (11.0, 4.0)  # 1100 x 400 px
 GRID_CELL = 1.6                # inches per image in the easiest/hardest grid
 
 
+def special_tokens(num_tokens: int) -> int:
+  """How many of N tokens precede the patches: 1 (the class token) or 2 (and a distilled
+  model's distillation token), whichever leaves a square grid (never both for G > 1)."""
+  for special in (1, 2):
+    side = int(round(np.sqrt(max(num_tokens - special, 0))))
+    if side > 0 and side * side == num_tokens - special:
+      return special
+  raise ValueError(f'expected token depths of N = 1 + G*G tokens (class token first) or '
+                   f'2 + G*G (class and distillation tokens first), got N = {num_tokens}')
+
+
 def patch_grid(token_depth: np.ndarray) -> np.ndarray:
-  """Patch tokens of one image as a grid: float [N] -> [G, G] (class token dropped)."""
+  """Patch tokens of one image as a grid: float [N] -> [G, G] (special tokens dropped)."""
   token_depth = np.asarray(token_depth)
-  patches = token_depth.shape[-1] - 1
-  side = int(round(np.sqrt(patches)))
-  if token_depth.ndim != 1 or side * side != patches:
-    raise ValueError(f'expected the token depths of one image, [N] with N = 1 + G*G (class '
-                     f'token first), got shape {token_depth.shape}')
-  return token_depth[1:].reshape(side, side)
+  if token_depth.ndim != 1:
+    raise ValueError(f'expected the token depths of one image, [N], got shape '
+                     f'{token_depth.shape}')
+  patches = token_depth[special_tokens(token_depth.shape[0]):]
+  side = int(round(np.sqrt(patches.shape[0])))
+  return patches.reshape(side, side)
 
 
 def upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -149,13 +160,14 @@ def content_depths(display_images: np.ndarray, token_depth: np.ndarray, *,
   """How deep the patches of the object and of the background run.
 
   display_images: [B, H, W, C] in [0, 1] (first channel used); token_depth: [B, N], the
-  class token first. A patch's pixels are 'on' above `on`; background patches have at most
+  special tokens first. A patch's pixels are 'on' above `on`; background patches have at most
   `background` of them on, object patches more than `foreground`. Returns the mean depth of
   each kind, their ratio (background / object: below 1 when the background halts first), the
   counts, and the correlation of patch depth with patch brightness.
   """
   images = np.asarray(display_images, np.float32)[..., 0]
-  depth = np.asarray(token_depth, np.float32)[:, 1:]
+  depth = np.asarray(token_depth, np.float32)
+  depth = depth[:, special_tokens(depth.shape[1]):]
   b, h, w = images.shape
   side = int(round(np.sqrt(depth.shape[1])))
   p = h // side
