@@ -46,25 +46,26 @@ def load_config(source: str | ml_collections.ConfigDict, overrides: Sequence[str
   the wrong type or an argument that is not an override, each with one line saying why.
   """
   values = flags.FlagValues()  # this call's own flags: nothing global is defined or parsed
-  if isinstance(source, ml_collections.ConfigDict):
-    what = 'the saved config'
-    holder = config_flags.DEFINE_config_dict('config', source, flag_values=values,
-                                             lock_config=False)
-    argv = ['avit_jax', *overrides]
-  else:
-    what = source
-    if not os.path.isfile(source.partition(':')[0]):
-      raise FileNotFoundError(f'config file {source} not found (expected a file such as '
-                              'configs/tiny.py, relative to the current directory or absolute)')
-    argv = ['avit_jax', f'--config={source}', *overrides]
-    holder = config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
-                                             lock_config=False, sys_argv=argv)
+  saved = isinstance(source, ml_collections.ConfigDict)
+  if not saved and not os.path.isfile(source.partition(':')[0]):
+    raise FileNotFoundError(f'config file {source} not found (expected a file such as '
+                            'configs/tiny.py, relative to the current directory or absolute)')
+  argv = ['avit_jax', *([] if saved else [f'--config={source}']), *overrides]
   try:
+    # config_flags defines the override flags that sys_argv names, and only those.
+    if saved:
+      holder = config_flags.DEFINE_config_dict('config', source.copy_and_resolve_references(),
+                                               flag_values=values, lock_config=False,
+                                               sys_argv=argv)
+    else:
+      holder = config_flags.DEFINE_config_file('config', None, 'config file',
+                                               flag_values=values, lock_config=False,
+                                               sys_argv=argv)
     extra = values(argv)[1:]
   except (KeyError, AttributeError, flags.Error) as e:  # how config_flags refuses a bad one
-    base = source if isinstance(source, ml_collections.ConfigDict) else (
-        values['config'].parser.parse(source))
-    raise ValueError(config_lib.unknown_override(base, argv, what) or str(e)) from None
+    base = source if saved else load_config(source)
+    raise ValueError(config_lib.unknown_override(base, argv, 'the saved config' if saved
+                                                 else source) or str(e)) from None
   if extra:
     raise ValueError(f'unrecognised arguments {extra}: overrides are written '
                      '--config.field.sub=value')

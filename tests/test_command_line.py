@@ -33,3 +33,18 @@ def test_main_prints_an_error_once(tmp_path, fashion_mnist_dir):
   assert errors == [f'error: {missing} is neither a checkpoint (a directory with params/) nor a '
                     'training workdir (a directory with checkpoints/<step>/)']
   assert 'Traceback' not in done.stderr
+
+
+def test_overrides_apply_to_a_config_file_and_to_a_saved_config():
+  import pytest
+  from avit_jax import command_line
+  config = command_line.load_config('configs/fashion_mnist.py', ['--config.model.depth', '3'])
+  assert config.model.depth == 3
+  saved = command_line.load_config(config, ['--config.data.data_dir=/elsewhere',
+                                            '--config.model.gate_center=4'])
+  assert (saved.data.data_dir, saved.model.gate_center, saved.model.depth) == (
+      '/elsewhere', 4.0, 3)
+  assert config.data.data_dir != '/elsewhere'  # the source is left as it was
+  with pytest.raises(ValueError, match=r"^unknown config field 'data.data_dirr'; did you mean "
+                     r'data.data_dir.*the saved config'):
+    command_line.load_config(config, ['--config.data.data_dirr=/x'])
