@@ -325,3 +325,35 @@ def params_of(model):
   from flax import nnx
   from avit_jax import config_lib
   return config_lib.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+# --- small models for inference, export and benchmark tests ----------------------------------
+
+INFERENCE_DEPTH = 4
+
+
+def small_config(**overrides):
+  """A 4-layer A-ViT on 32 x 32 images (65 tokens) as a config.model; `overrides` are fields."""
+  from avit_jax import config_lib
+  c = config_lib.model_config('tiny')
+  c.update(dict(image_size=32, patch=4, dim=64, depth=INFERENCE_DEPTH, heads=4, num_classes=10,
+                drop_path_rate=0.1, gate_scale=10.0, gate_center=5.0))
+  c.update(overrides)
+  return c
+
+
+def varied_model(seed: int, shift: float = 0.3, spread: float = 20.0, **overrides):
+  """Random weights whose halting neuron (channel 0) varies by token: depths spread over 1..L."""
+  from avit_jax import models
+  model = models.create(small_config(**overrides), seed=seed)
+  for block in model.blocks:
+    block.mlp.fc2.bias[...] = block.mlp.fc2.bias[...].at[0].add(shift)
+    block.mlp.fc2.kernel[...] = block.mlp.fc2.kernel[...].at[:, 0].multiply(spread)
+  return model
+
+
+def small_images(batch: int, seed: int = 0):
+  """Normal random float32 images [batch, 32, 32, 3] for `small_config` models."""
+  import jax
+  import jax.numpy as jnp
+  return jax.random.normal(jax.random.key(100 + seed), (batch, 32, 32, 3), jnp.float32)

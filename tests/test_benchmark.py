@@ -6,7 +6,7 @@ import pytest
 from avit_jax import benchmark, inference
 from avit_jax.models import flops
 from avit_jax.benchmark import cli, measure, phases, profiles
-from tests.test_inference import small_config, varied_model
+from tests.helpers import small_config, varied_model
 
 
 @pytest.mark.slow

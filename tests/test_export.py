@@ -12,7 +12,7 @@ from flax import nnx
 from avit_jax import inference
 from avit_jax.training import losses, optim, train
 from configs import fashion_mnist
-from tests.test_inference import images, varied_model
+from tests.helpers import small_images, varied_model
 
 PLATFORMS = ('cuda', 'tpu')
 
@@ -36,7 +36,7 @@ def export(jitted, *args) -> jax.export.Exported:
 def test_compact_lowers_for_gpu_and_tpu(batch):
   model = varied_model(0)
   predict = inference.make_predict_fn(model, 'compact', chunk_size=0)
-  x = images(batch)
+  x = small_images(batch)
   exported = export(predict.jitted, *predict.arguments(x))
   out = jax.tree.unflatten(exported.out_tree, exported.out_avals)
   b, n, depth = batch, model.num_tokens, model.depth

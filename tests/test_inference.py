@@ -3,34 +3,11 @@ program per batch shape; auto gives them too, from the exact mode it timed faste
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from avit_jax import config_lib, inference, models
-
-DEPTH = 4
-
-
-def small_config(**overrides) -> ml_collections.ConfigDict:
-  c = config_lib.model_config('tiny')
-  c.update(dict(image_size=32, patch=4, dim=64, depth=DEPTH, heads=4, num_classes=10,
-                drop_path_rate=0.1, gate_scale=10.0, gate_center=5.0))
-  c.update(overrides)
-  return c
-
-
-def varied_model(seed: int, shift: float = 0.3, spread: float = 20.0, **overrides):
-  """Random weights whose halting neuron (channel 0) varies by token: depths spread over 1..L."""
-  model = models.create(small_config(**overrides), seed=seed)
-  for block in model.blocks:
-    block.mlp.fc2.bias[...] = block.mlp.fc2.bias[...].at[0].add(shift)
-    block.mlp.fc2.kernel[...] = block.mlp.fc2.kernel[...].at[:, 0].multiply(spread)
-  return model
-
-
-def images(batch: int, seed: int = 0) -> jax.Array:
-  return jax.random.normal(jax.random.key(100 + seed), (batch, 32, 32, 3), jnp.float32)
+from avit_jax import inference, models
+from tests.helpers import INFERENCE_DEPTH, small_config, small_images, varied_model
 
 
 def assert_same_answers(reference, out):
@@ -50,7 +27,7 @@ def assert_same_answers(reference, out):
     pytest.param(1, 18, dict(patch=2), marks=pytest.mark.slow)])
 def test_compact_matches_masked(seed, batch, overrides):
   model = varied_model(seed, **overrides)
-  x = images(batch, seed)
+  x = small_images(batch, seed)
   masked = inference.make_predict_fn(model, 'masked', chunk_size=4)(x)
   predict = inference.make_predict_fn(model, 'compact', chunk_size=4)
   compact = predict(x)
@@ -62,7 +39,7 @@ def test_compact_matches_masked(seed, batch, overrides):
   assert (depths.std(axis=1) > 0).all()
   assert_same_answers(masked, compact)
   # Scores of the layers each token ran are the masked model's; later ones are reported as 0.
-  ran = np.arange(DEPTH)[None, :, None] < depths[:, None, :]
+  ran = np.arange(INFERENCE_DEPTH)[None, :, None] < depths[:, None, :]
   np.testing.assert_allclose(compact.halting_scores,
                              np.where(ran, masked.halting_scores, 0.0), atol=1e-5)
   # Eval mode: the same as the module called directly after model.eval().
@@ -78,33 +55,33 @@ def test_one_image_halts_at_once_and_another_never():
   kernel = model.patch_embed.proj.kernel[...]
   model.patch_embed.proj.kernel[...] = kernel.at[..., 0].set(100.0)
   model.cls_token[...] = model.cls_token[...].at[..., 0].set(100.0)
-  x = jnp.stack([jnp.ones((32, 32, 3)), -jnp.ones((32, 32, 3)), images(1, 7)[0]])
+  x = jnp.stack([jnp.ones((32, 32, 3)), -jnp.ones((32, 32, 3)), small_images(1, 7)[0]])
   masked = inference.make_predict_fn(model, 'masked')(x)
   compact = inference.make_predict_fn(model, 'compact')(x)
   depths = np.asarray(masked.token_depth)
   np.testing.assert_array_equal(depths[0], 1.0)
-  assert depths[1, 0] == 1 and (depths[1, 1:] == DEPTH).all()
+  assert depths[1, 0] == 1 and (depths[1, 1:] == INFERENCE_DEPTH).all()
   assert_same_answers(masked, compact)
 
 
 def test_no_halting_equals_dense():
   """beta huge: no score crosses before the last layer, so every mode is plain DeiT."""
   model = models.create(small_config(gate_center=1e4), seed=5)
-  x = images(4, 1)
+  x = small_images(4, 1)
   dense = inference.make_predict_fn(model, 'dense')(x)
   for mode in ('masked', 'compact'):
     out = inference.make_predict_fn(model, mode)(x)
     np.testing.assert_allclose(out.logits, dense.logits, atol=1e-4)
-    np.testing.assert_array_equal(out.token_depth, DEPTH)
+    np.testing.assert_array_equal(out.token_depth, INFERENCE_DEPTH)
   deit = models.create(small_config(halting=False), seed=5)  # same parameters, no halting
   deit.eval()
   np.testing.assert_allclose(deit(x).logits, dense.logits, atol=1e-5)
-  np.testing.assert_array_equal(dense.token_depth, DEPTH)
+  np.testing.assert_array_equal(dense.token_depth, INFERENCE_DEPTH)
 
 
 def test_chunking_does_not_change_answers():
   model = varied_model(4)
-  x = images(8, 3)
+  x = small_images(8, 3)
   whole = inference.make_predict_fn(model, 'masked', chunk_size=0)(x)
   chunked = inference.make_predict_fn(model, 'masked', chunk_size=2)(x)
   np.testing.assert_allclose(chunked.logits, whole.logits, atol=1e-5)
@@ -172,7 +149,8 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match=r'expected images of shape \[B, 32, 32, 3\]'):
     inference.make_predict_fn(model, 'compact')(jnp.zeros((2, 28, 28, 3)))
   with pytest.raises(ValueError, match='same structure'):
-    inference.make_predict_fn(model, 'compact').set_params(varied_model(0, depth=DEPTH + 1))
+    inference.make_predict_fn(model, 'compact').set_params(
+        varied_model(0, depth=INFERENCE_DEPTH + 1))
 
 
 @pytest.mark.parametrize('pick', ['compact', 'masked'])
@@ -181,7 +159,7 @@ def test_auto_gives_masked_answers_from_either_exact_mode(pick, monkeypatch):
   token depths and ponder are masked's, on a model whose tokens halt at varied depths."""
   monkeypatch.setattr(inference, 'faster_exact_mode', lambda seconds: pick)
   model = varied_model(2)
-  x = images(8, 2)
+  x = small_images(8, 2)
   masked = inference.make_predict_fn(model, 'masked', chunk_size=4)(x)
   assert len(np.unique(np.asarray(masked.token_depth))) >= 3
   predict = inference.make_predict_fn(model, 'auto', chunk_size=4)
@@ -203,9 +181,9 @@ def test_auto_decides_once_from_its_first_batch(monkeypatch):
   monkeypatch.setattr(inference, 'faster_exact_mode', faster)
   model = varied_model(0)
   predict = inference.make_predict_fn(model, 'auto')
-  predict(images(2)), predict(images(3)), predict(images(2, 1))
+  predict(small_images(2)), predict(small_images(3)), predict(small_images(2, 1))
   predict.set_params(varied_model(1))
-  predict(images(2))
+  predict(small_images(2))
   assert predict.mode == 'compact' and len(seen) == 1
   assert set(seen[0]) == {'compact', 'masked'} and min(seen[0].values()) > 0
   assert inference.auto_mode(model, 4) == 'masked' and len(seen) == 2
@@ -217,7 +195,7 @@ def test_auto_decides_once_from_its_first_batch(monkeypatch):
 def test_auto_runs_a_model_without_halting_dense():
   deit = models.create(small_config(halting=False), seed=0)
   assert inference.auto_mode(deit, 4) == 'dense'
-  x = images(2)
+  x = small_images(2)
   predict = inference.make_predict_fn(deit, 'auto')
   np.testing.assert_array_equal(predict(x).logits,
                                 inference.make_predict_fn(deit, 'dense')(x).logits)
