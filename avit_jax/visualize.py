@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
   if not (args.images or args.image_folder or config):
     parser.error('say which images: --images FILE..., --image-folder DIR, or --config CFG '
                  '(its eval split; a training workdir\'s own config.json is used when given)')
-  model, metadata = models.load(args.checkpoint, config.model if config else None)
+  # The architecture the checkpoint recorded; --config's model only for one that records none
+  # (--config says which images and how to show them).
+  step_dir = checkpoints.resolve_checkpoint(args.checkpoint)
+  recorded = checkpoints.load_metadata(step_dir).get('model')
+  model, metadata = models.load(step_dir, None if recorded or not config else config.model)
   mean, std = figures.data_stats(metadata, config)
   source = config.data.source if config else (metadata.get('data') or {}).get('source')
   labels = None
@@ -75,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
       outputs, plots.to_display(images, mean, std), args.out, labels=labels, names=names,
       class_names=figures.CLASS_NAMES.get(source),
       target=figures.prior_target(model.depth, loss_config), num_maps=args.num_maps)
-  summary = {'checkpoint': checkpoints.resolve_checkpoint(args.checkpoint), 'images': len(names),
+  summary = {'checkpoint': step_dir, 'images': len(names),
              'mean_token_depth': float(outputs['token_depth'].mean()), 'depth': model.depth}
   with open(os.path.join(args.out, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)

@@ -322,7 +322,7 @@ def test_eval_of_another_architecture_lists_mismatches(tmp_path, other_architect
   with pytest.raises(checkpoints.CheckpointError) as e:
     train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
   assert str(e.value) == (
-      f'{other_architecture} does not fit the model:\n'
+      f'checkpoint {other_architecture} does not fit the model:\n'
       '  shape mismatches: head.bias: model (10,) vs checkpoint (7,); head.kernel: model '
       '(32, 10) vs checkpoint (32, 7)\n' + BLOCK2_NOT_IN_MODEL + '\n'
       '  hint: the checkpoint has depth 3, width 32 and num_classes 7; choose the matching '

@@ -30,8 +30,9 @@ def test_main_prints_an_error_once(tmp_path, fashion_mnist_dir):
                   f'--config.data.data_dir={fashion_mnist_dir}', '--config.eval_batch_size=64')
   assert done.returncode == 1
   errors = [l for l in done.stderr.splitlines() if missing in l]
-  assert errors == [f'error: {missing} is neither a checkpoint (a directory with params/) nor a '
-                    'training workdir (a directory with checkpoints/<step>/)']
+  assert errors == [f'error: checkpoint {missing} does not exist (expected a directory written '
+                    'by avit_jax.convert, a trainer step WORKDIR/checkpoints/<step>, or a '
+                    'training workdir)']
   assert 'Traceback' not in done.stderr
 
 

@@ -92,6 +92,10 @@ def resolve_checkpoint(path: str) -> str:
     return path
   if (epath.Path(path) / 'checkpoints').is_dir():
     return latest_step_dir(path)
+  if not epath.Path(path).exists():
+    raise CheckpointError(f'checkpoint {path} does not exist (expected a directory written by '
+                          'avit_jax.convert, a trainer step WORKDIR/checkpoints/<step>, or a '
+                          'training workdir)')
   raise CheckpointError(
       f'{path} is neither a checkpoint (a directory with params/) nor a training workdir '
       '(a directory with checkpoints/<step>/)')

@@ -200,6 +200,9 @@ def folder(root: str, split: str, train_split: str, cache: bool) -> Table:
 
 
 def tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder of config.data.source, where every source that is neither
+  Fashion-MNIST's files nor a folder ends up (so an unknown name is refused here)."""
+  check_config(config.data)
   builder = tfds.builder(config.data.source, data_dir=config.data.data_dir or None)
   if not builder.is_prepared():
     raise DataNotFoundError(

@@ -100,4 +100,4 @@ def load(checkpoint: str, model_config: ml_collections.ConfigDict | None = None,
       raise checkpoints.CheckpointError(
           f'{step_dir} records no model config; pass the config it was trained with')
     model_config = ml_collections.ConfigDict(metadata['model'])
-  return from_params(model_config, params, what=step_dir, seed=seed), metadata
+  return from_params(model_config, params, what=f'checkpoint {step_dir}', seed=seed), metadata
