@@ -366,14 +366,18 @@ def test_the_teacher_trains_head_dist_inside_the_step(teacher_dir, fashion_mnist
   teacher, _ = models.load(teacher_dir)
   teacher_logits = teacher(batch['images']).logits
   metrics = []
-  for devices, fsdp in ((jax.devices()[:1], 1), (jax.devices(), 2)):
-    config.mesh.fsdp = fsdp  # the teacher is sharded like the student
+  # The teacher is sharded like the student: 8 devices with fsdp=2 give 1 device's step
+  # (checked for one kind: the two differ only in the loss, checked against PyTorch above).
+  meshes = ((jax.devices()[:1], 1), (jax.devices(), 2))[:2 if kind == 'hard' else 1]
+  for devices, fsdp in meshes:
+    config.mesh.fsdp = fsdp
     got, want = _first_step_terms(config, batch, devices, teacher_logits)
     for name, value in want.items():
       np.testing.assert_allclose(got[name], float(value), rtol=2e-5, err_msg=name)
     metrics.append(got)
   for name in ('loss', 'ce', 'distill_loss', 'grad_norm'):
-    np.testing.assert_allclose(metrics[1][name], metrics[0][name], rtol=1e-5, err_msg=name)
+    for other in metrics[1:]:
+      np.testing.assert_allclose(other[name], metrics[0][name], rtol=1e-5, err_msg=name)
 
 
 def test_without_a_teacher_both_heads_learn_the_labels(fashion_mnist_dir):
