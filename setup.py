@@ -42,7 +42,7 @@ setup(
         'torch': TORCH,
         'gcs': GCS,
         'tensorboard': ['tensorboard>=2.21'],  # the viewer of the events a run writes
-        'test': ['pytest>=9', 'chex>=0.1.92', 'transformers>=5', 'nbclient', 'nbformat',
+        'test': ['pytest>=9', 'pytest-xdist>=3.8', 'chex>=0.1.92', 'transformers>=5', 'nbclient', 'nbformat',
                  'ipykernel'] + TORCH + GCS_TEST,
     },
 )

@@ -4,7 +4,9 @@
 #   bash tools/test.sh          the default tier: every test but those marked `slow` (minutes)
 #   bash tools/test.sh --all    every test, the long end-to-end runs (`slow`) included
 #
-# Other arguments go to pytest, e.g. `bash tools/test.sh -x tests/test_train.py`.
+# Other arguments go to pytest, e.g. `bash tools/test.sh -x tests/test_train.py`. Tests run in
+# AVIT_TEST_WORKERS (default 2) pytest-xdist workers, each taking whole files (module
+# fixtures are built once); `-n 0` runs them in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 all=0
@@ -13,7 +15,8 @@ for arg in "$@"; do
   if [ "$arg" = --all ]; then all=1; else args+=("$arg"); fi
 done
 bash tools/bootstrap.sh
+workers=(-n "${AVIT_TEST_WORKERS:-2}" --dist loadfile)
 if [ "$all" = 1 ]; then
-  exec .venv/bin/python -m pytest tests ${args[@]+"${args[@]}"}
+  exec .venv/bin/python -m pytest tests "${workers[@]}" ${args[@]+"${args[@]}"}
 fi
-exec .venv/bin/python -m pytest tests -m 'not slow' ${args[@]+"${args[@]}"}
+exec .venv/bin/python -m pytest tests -m 'not slow' "${workers[@]}" ${args[@]+"${args[@]}"}
