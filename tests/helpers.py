@@ -314,6 +314,20 @@ def timm_to_hf(sd, *, old_names=False):
   return out
 
 
+def hf_model(model_class, config_class, c, hf_state_dict):
+  """A Hugging Face ViT / DeiT model of config.model `c`'s geometry (timm's LayerNorm eps and
+  exact GELU), in eval mode, holding `hf_state_dict` (Hugging Face names, numpy arrays)."""
+  import torch
+  config = config_class(hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.heads,
+                        intermediate_size=int(c.dim * c.mlp_ratio), image_size=c.image_size,
+                        patch_size=c.patch, num_channels=c.in_chans, layer_norm_eps=1e-6,
+                        hidden_act='gelu', qkv_bias=True, num_labels=c.num_classes)
+  model = model_class(config).eval()
+  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                         for k, v in hf_state_dict.items()}, strict=True)
+  return model
+
+
 def save_pth(path, sd, wrap=True):
   import torch
   tensors = {k: torch.from_numpy(v) for k, v in sd.items()}

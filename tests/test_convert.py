@@ -11,7 +11,7 @@ import torch
 
 from avit_jax import checkpoints, config_lib, convert, models
 from avit_jax.convert.torch_io import ConvertError
-from tests.helpers import model_config, params_of, random_timm, save_pth, timm_to_hf
+from tests.helpers import hf_model, model_config, params_of, random_timm, save_pth, timm_to_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
@@ -19,14 +19,7 @@ torch.set_num_threads(2)
 
 def hf_vit(sd, c):
   from transformers import ViTConfig, ViTForImageClassification
-  config = ViTConfig(hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.heads,
-                     intermediate_size=int(c.dim * c.mlp_ratio), image_size=c.image_size,
-                     patch_size=c.patch, num_channels=c.in_chans, layer_norm_eps=1e-6,
-                     hidden_act='gelu', qkv_bias=True, num_labels=c.num_classes)
-  model = ViTForImageClassification(config).eval()
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in timm_to_hf(sd).items()},
-                        strict=True)
-  return model
+  return hf_model(ViTForImageClassification, ViTConfig, c, timm_to_hf(sd))
 
 
 def hf_logits(model, images):

@@ -152,14 +152,8 @@ def _timm_to_hf_distilled(sd):
 
 def _hf_deit_with_teacher(sd, c):
   from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
-  config = DeiTConfig(hidden_size=c.dim, num_hidden_layers=c.depth, num_attention_heads=c.heads,
-                      intermediate_size=int(c.dim * c.mlp_ratio), image_size=c.image_size,
-                      patch_size=c.patch, num_channels=c.in_chans, layer_norm_eps=1e-6,
-                      hidden_act='gelu', qkv_bias=True, num_labels=c.num_classes)
-  model = DeiTForImageClassificationWithTeacher(config).eval()
-  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
-                         for k, v in _timm_to_hf_distilled(sd).items()}, strict=True)
-  return model
+  return helpers.hf_model(DeiTForImageClassificationWithTeacher, DeiTConfig, c,
+                          _timm_to_hf_distilled(sd))
 
 
 def _hf_outputs(model, images):
