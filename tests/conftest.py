@@ -32,23 +32,6 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'multiprocess: starts several Python processes')
 
 
-PROCESS_FILES = ('test_multihost', 'test_gcs_workdir', 'test_reliability')
-
-
-def pytest_collection_modifyitems(config, items):
-  """Under pytest-xdist (`--dist loadgroup`, tools/test.sh): each file's tests stay on one
-  worker (its module fixtures are built once), and the tests that start several processes
-  joined by jax.distributed run on one worker, one at a time: two such runs at once could
-  race for a free coordinator port, and they are among the longest tests, which balances
-  the workers. So do the other files whose tests start commands listening on free ports or
-  run long commands (PROCESS_FILES)."""
-  del config
-  for item in items:
-    module = item.module.__name__
-    together = item.get_closest_marker('multiprocess') or module.split('.')[-1] in PROCESS_FILES
-    item.add_marker(pytest.mark.xdist_group('processes' if together else module))
-
-
 def pytest_unconfigure(config):
   del config
   if _CACHE_DIR:

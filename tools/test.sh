@@ -5,8 +5,8 @@
 #   bash tools/test.sh --all    every test, the long end-to-end runs (`slow`) included
 #
 # Other arguments go to pytest, e.g. `bash tools/test.sh -x tests/test_train.py`. Tests run in
-# AVIT_TEST_WORKERS (default 2) pytest-xdist workers in the groups tests/conftest.py gives
-# (whole files; the multi-process runs together); `-n 0` runs them in this process.
+# AVIT_TEST_WORKERS (default 2) pytest-xdist workers, each taking whole files (module
+# fixtures are built once); `-n 0` runs them in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 all=0
@@ -15,7 +15,7 @@ for arg in "$@"; do
   if [ "$arg" = --all ]; then all=1; else args+=("$arg"); fi
 done
 bash tools/bootstrap.sh
-workers=(-n "${AVIT_TEST_WORKERS:-2}" --dist loadgroup)
+workers=(-n "${AVIT_TEST_WORKERS:-2}" --dist loadfile)
 if [ "$all" = 1 ]; then
   exec .venv/bin/python -m pytest tests "${workers[@]}" ${args[@]+"${args[@]}"}
 fi
