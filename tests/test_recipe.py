@@ -1,6 +1,7 @@
 """The default recipe's promise at small scale: its halting follows the image content, so
 after a short run the background patches of Fashion-MNIST halt before the garment's."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -29,7 +30,8 @@ def short_run_config(data_dir: str, steps: int, **model):
 
 def content_depths_after_run(workdir: str, config) -> dict:
   """plots.content_depths of the trained model on the first 256 eval images."""
-  train.train_and_evaluate(config, workdir)
+  # One device, as `python -m avit_jax.main` runs on a CPU: the promise is the model's.
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   model, _ = models.load(workdir)
   images, _ = pipeline.eval_images(config, 256)
   display = images * np.asarray(config.data.std) + np.asarray(config.data.mean)
