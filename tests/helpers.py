@@ -19,6 +19,27 @@ FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 MEAN, STD = 0.2860, 0.3530
 
 
+# A driver for `python -c` that runs `python -m avit_jax.main` with orbax's atomic
+# finalisation (the rename of the temporary step directory) of step $STALL_STEP stalled,
+# after every array is written, and a marker file ($STALL_MARKER) left: the test kills a
+# process there, the worst moment for a checkpoint.
+STALL_FINALIZE = '''
+import asyncio, os, sys
+from orbax.checkpoint._src.path import atomicity
+original = atomicity.AtomicRenameTemporaryPath.finalize
+async def finalize(self):
+  if self.get_final().name == os.environ['STALL_STEP']:
+    with open(os.environ['STALL_MARKER'], 'w') as f:
+      f.write(str(self.get()))
+    await asyncio.sleep(3600)
+  return await original(self)
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from avit_jax import main
+sys.argv = ['avit_jax.main'] + sys.argv[1:]
+main.run()
+'''
+
+
 class CommandRun:
   """A command in its own process (default `python -m avit_jax.main ARGS`), its merged
   stdout and stderr read by a thread into `lines`. Every wait has a deadline that kills the

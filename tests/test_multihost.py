@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from avit_jax import config_lib, models
-from tests.helpers import REPO, CommandRun
+from avit_jax import checkpoints, command_line, config_lib, models
+from avit_jax.training import train
+from tests.helpers import REPO, STALL_FINALIZE, CommandRun
 
 DEADLINE_S = 300  # for one launch of the command, compile and all
 # JAX stops the survivors of a dead process after this many seconds without its heartbeat.
@@ -50,9 +51,11 @@ class Launch:
   with `devices` fake CPU devices."""
 
   def __init__(self, workdir, data_dir, *, num_processes: int, devices: int, steps: int,
-               extra=(), tag: str = 'run', process_extra=None):
+               extra=(), tag: str = 'run', process_extra=None, env=None, stall: int = 0):
+    """`stall`: process 0 stalls in the atomic finalisation of that step's checkpoint
+    (helpers.STALL_FINALIZE, its marker file in `env`)."""
     env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED='1',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
     port = _free_port()
     self.procs = []
     for i in range(num_processes):
@@ -60,7 +63,11 @@ class Launch:
       if num_processes > 1:
         args += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
                  f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_S}']
-      self.procs.append(CommandRun(args, env=env, name=f'{tag}, process {i}'))
+      start = None
+      if stall and i == 0:
+        start = [sys.executable, '-c', STALL_FINALIZE]
+        env = env | {'STALL_STEP': str(stall)}
+      self.procs.append(CommandRun(args, env=env, start=start, name=f'{tag}, process {i}'))
 
   def log(self, i: int) -> str:
     return self.procs[i].output
@@ -120,18 +127,28 @@ def _params(model) -> dict:
   return config_lib.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
-def _verify(path) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'avit_jax.checkpoints', 'verify', str(path)],
-                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
-                        text=True, timeout=DEADLINE_S)
+def _verify(path, capsys) -> tuple[int, str]:
+  """`python -m avit_jax.checkpoints verify path`, in this process: (exit status, stdout)."""
+  capsys.readouterr()
+  code = checkpoints.main(['verify', str(path)])
+  return code, capsys.readouterr().out
+
+
+def _config(data_dir, **overrides):
+  """The launches' config (STEPS steps), as the command builds it from the same flags."""
+  config = command_line.load_config(os.path.join(REPO, 'configs', 'fashion_mnist.py'),
+                                    _flags('unused', data_dir, STEPS)[4:])
+  config.update_from_flattened_dict(overrides)
+  return config
 
 
 @pytest.fixture(scope='module')
 def single(tmp_path_factory, fashion_mnist_dir):
-  """1 process x 4 devices, STEPS steps: the reference run."""
+  """1 process x 4 devices, STEPS steps: the reference run (in this process, on 4 of its
+  devices: the program the command compiles for 4 devices)."""
   workdir = tmp_path_factory.mktemp('single') / 'run'
-  Launch(workdir, fashion_mnist_dir, num_processes=1, devices=4, steps=STEPS,
-         extra=['--config.write_depth_maps=False']).succeed()
+  train.train_and_evaluate(_config(fashion_mnist_dir, write_depth_maps=False), str(workdir),
+                           devices=jax.devices()[:4])
   return workdir
 
 
@@ -162,7 +179,8 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(single, pod):
   _assert_same_metrics(_eval(workdir), _eval(single))
 
 
-def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fashion_mnist_dir):
+def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fashion_mnist_dir,
+                                                               capsys):
   workdir, run, resumed = pod
   pod_eval = _eval(workdir)
   assert pod_eval['num_images'] == 256
@@ -172,14 +190,13 @@ def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fash
   assert len([n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]) == 2
   assert _steps(workdir)[-2:] == [8, 12]
   # Its checkpoints read and verify in one process, and evaluate to the same metrics.
-  checked = _verify(workdir)
+  code, out = _verify(workdir, capsys)
   count = len(_steps(workdir))
-  assert checked.returncode == 0, checked
-  assert f'{count} of {count} checkpoint(s) intact' in checked.stdout, checked
-  evaluation = Launch(workdir, fashion_mnist_dir, num_processes=1, devices=1, steps=STEPS,
-                      extra=['--mode=eval'], tag='eval')
-  evaluation.succeed()
-  _assert_same_metrics(_eval(workdir), _eval(single))
+  assert code == 0 and f'{count} of {count} checkpoint(s) intact' in out, out
+  metrics = train.train_and_evaluate(_config(fashion_mnist_dir, mode='eval'), str(workdir),
+                                     devices=jax.devices()[:1])
+  _assert_same_metrics(metrics, _eval(single))
+  _assert_same_metrics(_eval(workdir), _eval(single))  # and wrote them
   # The loader of visualize, tradeoff and the benchmark reads it: the parameters trained on
   # two processes are those trained on one, to the rounding of sums taken in another order
   # (which Adam's normalisation enlarges for parameters whose gradients are near zero).
@@ -192,17 +209,24 @@ def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fash
 
 
 def test_a_second_run_is_refused_a_dead_process_stops_the_other_and_a_damaged_shard_is_found(
-    tmp_path, fashion_mnist_dir):
+    tmp_path, fashion_mnist_dir, capsys):
   """One run with every array split over both processes (mesh.fsdp=4), through four faults:
   a second run on its workdir, kill -9 of one process, a byte flipped in a shard of the
-  newest checkpoint that only process 1 wrote, and the restart that must fall back past it."""
+  newest checkpoint that only process 1 wrote, and the restart that must fall back past it.
+  The run is held still, idle, at its last checkpoint (process 0 stalls in its atomic
+  finalisation, after every process wrote its arrays), so steps 4 and 8 are complete."""
   workdir = tmp_path / 'pod'
+  marker = tmp_path / 'stalled'
   fsdp = ['--config.mesh.fsdp=4']
-  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=10_000, extra=fsdp)
-  # Saves are asynchronous, one at a time: once step 12's starts, steps 4 and 8 are complete.
-  run.wait_for_line(0, 'step 13/')
+  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS, extra=fsdp,
+               env={'STALL_MARKER': str(marker)}, stall=STEPS)
+  try:
+    run.procs[0].wait_for_file(str(marker), DEADLINE_S)
+  finally:
+    if not marker.exists():
+      run.kill()
   # Another run on the same workdir: every one of its processes is refused, with the reason.
-  second = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=10_000,
+  second = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
                   extra=fsdp, tag='second')
   assert second.wait() == [1, 1]
   for i in (0, 1):
@@ -214,29 +238,30 @@ def test_a_second_run_is_refused_a_dead_process_stops_the_other_and_a_damaged_sh
   assert code[0] != 0
   assert time.monotonic() - killed_at < HEARTBEAT_S + 60
   assert 'another task died' in run.log(0) or 'Gloo' in run.log(0), run.log(0)[-3000:]
-  # Flip one byte in the middle of the largest array file process 1 wrote for the newest step.
   steps = _steps(workdir)
-  newest, intact = steps[-1], steps[-2]
-  data = workdir / 'checkpoints' / str(newest) / 'params' / 'ocdbt.process_1' / 'd'
+  assert steps == [4, 8], steps  # step 12 was never finalised
+  # Flip one byte in the middle of the largest array file process 1 wrote for step 8.
+  data = workdir / 'checkpoints' / '8' / 'params' / 'ocdbt.process_1' / 'd'
   target = max(data.iterdir(), key=lambda p: p.stat().st_size)
   raw = bytearray(target.read_bytes())
   raw[len(raw) // 2] ^= 0xFF
   target.write_bytes(bytes(raw))
-  checked = _verify(workdir)
-  assert checked.returncode == 1, checked
-  assert f'{workdir}/checkpoints/{newest}: DAMAGED' in checked.stdout
-  assert f'{len(steps) - 1} of {len(steps)} checkpoint(s) intact, 1 damaged' in checked.stdout
-  # The same commands (a shorter run: steps may change) resume, every process from the
-  # newest intact step, and write the damaged step anew.
-  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=newest + 4,
+  code, out = _verify(workdir, capsys)
+  assert code == 1, out
+  assert f'{workdir}/checkpoints/8: DAMAGED' in out
+  assert '1 of 2 checkpoint(s) intact, 1 damaged' in out
+  # The same commands resume, every process from the newest intact step, and write the
+  # damaged step and the unfinished one anew.
+  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
                    extra=fsdp, tag='resume')
   resumed.succeed()
   for i in (0, 1):
-    assert f'resuming from step {intact}, the newest intact checkpoint' in resumed.log(i)
-  assert f'resumed from {workdir}/checkpoints/{intact}' in resumed.log(0)
+    assert 'resuming from step 4, the newest intact checkpoint' in resumed.log(i)
+  assert f'resumed from {workdir}/checkpoints/4' in resumed.log(0)
   assert 'moved damaged checkpoint' in resumed.log(0)
-  assert _steps(workdir)[-2:] == [newest, newest + 4]  # the damaged step written anew
-  assert _eval(workdir)['step'] == newest + 4
+  assert _steps(workdir) == [4, 8, 12]
+  assert not list((workdir / 'checkpoints').glob('*tmp*'))
+  assert _eval(workdir)['step'] == STEPS
   assert 'wrote 16 figures' in resumed.log(0)  # from parameters no process holds whole
 
 

@@ -1,6 +1,7 @@
-"""Faults with real processes: kill -9 at a random step, SIGTERM, a kill in the middle of a
-checkpoint write, and a non-finite loss. Each killed run is restarted with the same command
-and must end bitwise equal (parameters, logged losses, eval metrics) to an uninterrupted run.
+"""Faults with real processes: SIGTERM, a kill in the middle of a checkpoint write and kill -9
+at a random step, one after another on one workdir, and a non-finite loss. Each killed run is
+restarted with the same command and must go on bitwise equal (parameters, logged losses, eval
+metrics) to an uninterrupted run.
 
 The step to kill at is drawn at random; set RELIABILITY_SEED to replay a failure (the seed is
 in every assertion message).
@@ -22,30 +23,15 @@ import pytest
 from avit_jax import checkpoints, config_lib
 from avit_jax.data import pipeline
 from avit_jax.training import train
-from tests.helpers import REPO, TINY_FLAGS, CommandRun, sigterm_at, tiny_config
+from tests.helpers import (REPO, STALL_FINALIZE, TINY_FLAGS, CommandRun, sigterm_at,
+                           tiny_config)
 
-FLAGS = TINY_FLAGS
+# More steps than TINY_FLAGS's: room for three faults in one run (the steps take milliseconds).
+FLAGS = TINY_FLAGS | {'num_train_steps': 16, 'eval_every_steps': 16}
 TOTAL_STEPS = FLAGS['num_train_steps']
 STEP_LINE = re.compile(r'step (\d+)/\d+ epoch [\d.]+ \| (loss \S+ \(ce \S+ ponder \S+ prior \S+\)) '
                        r'\| depth (\S+)')
-# Stalls orbax's atomic finalisation (the rename of the temporary step directory) of one
-# step, after every array is written, and leaves a marker file: the test kills the process
-# there, the worst moment for a checkpoint.
-STALL_FINALIZE = '''
-import asyncio, os, sys
-from orbax.checkpoint._src.path import atomicity
-original = atomicity.AtomicRenameTemporaryPath.finalize
-async def finalize(self):
-  if self.get_final().name == os.environ['STALL_STEP']:
-    with open(os.environ['STALL_MARKER'], 'w') as f:
-      f.write(str(self.get()))
-    await asyncio.sleep(3600)
-  return await original(self)
-atomicity.AtomicRenameTemporaryPath.finalize = finalize
-from avit_jax import main
-sys.argv = ['avit_jax.main'] + sys.argv[1:]
-main.run()
-'''
+
 
 def _seed() -> int:
   return int(os.environ.get('RELIABILITY_SEED') or random.SystemRandom().randrange(10**6))
@@ -112,80 +98,85 @@ def reference(tmp_path_factory, env, fashion_mnist_dir):
           'params': _params(workdir, TOTAL_STEPS)}
 
 
-def _assert_restart_matches(run: Run, workdir: str, resume_step: int, reference: dict,
-                            note: str) -> None:
-  """The restarted run resumed at `resume_step`, redid only the later steps, and ended
-  bitwise equal to the uninterrupted run."""
-  assert run.finish() == 0, f'{note}\n{run.output[-4000:]}'
-  assert f'training steps {resume_step} -> {TOTAL_STEPS}' in run.output, note
-  if resume_step:
-    assert f'resumed from {workdir}/checkpoints/{resume_step}' in run.output, note
-  redone = run.steps()
-  assert sorted(redone) == list(range(resume_step + 1, TOTAL_STEPS + 1)), note
-  assert redone == {s: reference['steps'][s] for s in redone}, note
-  assert _eval(workdir) == reference['eval'], note
-  _assert_same_params(_params(workdir, TOTAL_STEPS), reference['params'], note)
-  assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*')), note
+def _assert_resumed(run: Run, workdir: str, step: int, reference: dict, note: str) -> None:
+  """`run` (a restart) resumed at `step` and trained the uninterrupted run's steps after it."""
+  assert f'training steps {step} -> {TOTAL_STEPS}' in run.output, f'{note}\n{run.output[-4000:]}'
+  if step:
+    assert f'resumed from {workdir}/checkpoints/{step}' in run.output, note
+  trained = run.steps()
+  assert trained and min(trained) == step + 1, note
+  assert trained == {s: reference['steps'][s] for s in trained}, note
 
 
-def test_kill_9_at_a_random_step_then_resume_is_bitwise_equal(tmp_path, env, reference):
+def _assert_checkpoint_matches(workdir: str, step: int, reference: dict, note: str) -> None:
+  """The checkpoint a restart will use is readable and equals the reference's."""
+  _assert_same_params(_params(workdir, step), _params(reference['workdir'], step), note)
+
+
+def test_three_faults_in_a_row_then_resume_is_bitwise_equal(tmp_path, env, reference):
+  """One workdir through three faults, each restart (the same command) resuming where the
+  fault left it: SIGTERM after a random step, kill -9 while orbax finalises a later
+  checkpoint, kill -9 after a random later step. The last restart ends bitwise equal to the
+  uninterrupted run."""
   seed = _seed()
-  kill_at = random.Random(seed).randint(3, TOTAL_STEPS - 2)
-  note = f'(kill -9 after step {kill_at}; RELIABILITY_SEED={seed})'
+  rng = random.Random(seed)
   workdir = str(tmp_path / 'run')
-  run = Run(workdir, env)
-  run.wait_for(rf'step {kill_at}/{TOTAL_STEPS} ')
-  run.signal(signal.SIGKILL)
-  assert run.finish() == -signal.SIGKILL, note
-  killed = run.steps()
-  assert killed == {s: reference['steps'][s] for s in killed}, note
-  complete = _complete_steps(workdir)
-  # Only finished checkpoints count (an asynchronous save may have been cut off).
-  resume = max(complete, default=0)
-  assert resume <= max(killed) and all(s % 2 == 0 for s in complete), note
-  if resume:  # the checkpoint a restart will use is readable and equals the reference's
-    _assert_same_params(_params(workdir, resume), _params(reference['workdir'], resume), note)
-  _assert_restart_matches(Run(workdir, env), workdir, resume, reference, note)
 
-
-def test_sigterm_writes_a_checkpoint_and_the_restart_loses_no_step(tmp_path, env, reference):
-  seed = _seed()
-  term_at = random.Random(seed).randint(3, TOTAL_STEPS - 4)
+  # SIGTERM: the step the run stops at is checkpointed, off the every-2-steps schedule too.
+  term_at = rng.randint(2, 5)
   note = f'(SIGTERM after step {term_at}; RELIABILITY_SEED={seed})'
-  workdir = str(tmp_path / 'run')
   run = Run(workdir, env)
   run.wait_for(rf'step {term_at}/{TOTAL_STEPS} ')
   run.signal(signal.SIGTERM)
   assert run.finish() == 143, f'{note}\n{run.output[-4000:]}'  # 128 + SIGTERM: unfinished
   done = max(run.steps())
   # Usually a step or two after term_at: the flag is read once per step, after it trained.
-  assert term_at <= done <= TOTAL_STEPS, note
+  assert term_at <= done <= TOTAL_STEPS - 6, note
   assert f'stopped at step {done}; rerun the same command to resume' in run.output, note
-  # The last step it trained is checkpointed, even off the every-2-steps schedule.
+  assert run.steps() == {s: reference['steps'][s] for s in run.steps()}, note
   assert _complete_steps(workdir)[-1] == done, note
-  _assert_restart_matches(Run(workdir, env), workdir, done, reference, note)
 
-
-def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, env, reference):
-  seed = _seed()
-  stall = random.Random(seed).choice([4, 6, 8])
+  # kill -9 once every array of a later checkpoint is written, before orbax's atomic rename:
+  # the step stays under its temporary name and the newest finished one is what counts.
+  stall = rng.choice([s for s in range(2, TOTAL_STEPS - 3, 2) if s > done])
   note = f'(kill -9 while finalising checkpoint {stall}; RELIABILITY_SEED={seed})'
-  workdir = str(tmp_path / 'run')
   marker = str(tmp_path / 'stalled')
   run = Run(workdir, env | {'STALL_STEP': str(stall), 'STALL_MARKER': marker},
             driver=STALL_FINALIZE)
   run.wait_for_file(marker)
   run.signal(signal.SIGKILL)
   assert run.finish() == -signal.SIGKILL, note
+  _assert_resumed(run, workdir, done, reference, note)
   with open(marker) as f:
     partial = f.read()
-  # All of step `stall` was written, under orbax's temporary name only.
   assert os.path.basename(partial).startswith(f'{stall}.orbax-checkpoint-tmp'), partial
   assert os.path.isdir(os.path.join(partial, 'params')), note
-  assert _complete_steps(workdir) == list(range(2, stall, 2)), note
-  _assert_same_params(_params(workdir, stall - 2), _params(reference['workdir'], stall - 2), note)
-  _assert_restart_matches(Run(workdir, env), workdir, stall - 2, reference, note)
-  assert not os.path.exists(partial), 'the restart removes the unfinished step directory'
+  assert _complete_steps(workdir) == sorted({*range(2, stall, 2), done}), note
+  resume = max(stall - 2, done)
+  _assert_checkpoint_matches(workdir, resume, reference, note)
+
+  # kill -9 after a random step: only finished checkpoints count (an asynchronous save may
+  # have been cut off).
+  kill_at = rng.randint(resume + 1, TOTAL_STEPS - 2)
+  note = f'(kill -9 after step {kill_at}; RELIABILITY_SEED={seed})'
+  run = Run(workdir, env)
+  run.wait_for(rf'step {kill_at}/{TOTAL_STEPS} ')
+  run.signal(signal.SIGKILL)
+  assert run.finish() == -signal.SIGKILL, note
+  _assert_resumed(run, workdir, resume, reference, note)
+  resume = _complete_steps(workdir)[-1]
+  assert resume <= max(run.steps()), note
+  _assert_checkpoint_matches(workdir, resume, reference, note)
+
+  # The last restart ends as the uninterrupted run did.
+  run = Run(workdir, env)
+  assert run.finish() == 0, f'{note}\n{run.output[-4000:]}'
+  _assert_resumed(run, workdir, resume, reference, note)
+  assert max(run.steps()) == TOTAL_STEPS, note
+  assert _eval(workdir) == reference['eval'], note
+  _assert_same_params(_params(workdir, TOTAL_STEPS), reference['params'], note)
+  assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*')), note
+  assert not os.path.exists(partial), 'the restarts remove the unfinished step directories'
 
 
 # -- non-finite loss (in-process: NaN images at one step reach the real jitted step) ---------
