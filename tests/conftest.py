@@ -1,6 +1,7 @@
 """Test set-up (before jax is imported): 8 fake CPU devices, one persistent compilation cache
 for the session, and the `slow` marker."""
 
+import collections
 import os
 import shutil
 import sys
@@ -30,18 +31,15 @@ FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long end-to-end run, only in `bash tools/test.sh '
                           '--all` (the default tier runs -m "not slow")')
-  config.addinivalue_line('markers', 'multiprocess: starts several Python processes')
+  config.addinivalue_line('markers', 'processes: runs the training command in other processes '
+                          '(the longest tests; their files are scheduled first)')
 
 
-def pytest_unconfigure(config):
+def pytest_collection_modifyitems(config, items):
+  """Files with `processes` tests first, those with the most of them first. pytest-xdist
+  hands out whole files in this order (tools/test.sh), so the longest start first and the
+  short ones fill in around them, rather than one long file running alone at the end."""
   del config
-  if _CACHE_DIR:
-    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
-
-
-@pytest.fixture(scope='session')
-def fashion_mnist_dir():
-  if not os.path.exists(os.path.join(FASHION_MNIST_DIR, 't10k-images-idx3-ubyte.gz')):
-    raise RuntimeError(f'Fashion-MNIST IDX files missing under {FASHION_MNIST_DIR}: run '
-                       '`bash tools/bootstrap.sh` (apt-get install dataset-fashion-mnist)')
-  return FASHION_MNIST_DIR
+  counts = collections.Counter(item.path for item in items
+                               if item.get_closest_marker('processes'))
+  items.sort(key=lambda item: -counts[item.path])  # stable: the order within each count

@@ -713,7 +713,7 @@ TWO_PROCESSES = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.multiprocess
+@pytest.mark.processes
 def test_two_processes_record_every_shard_and_agree_on_a_damaged_one(tmp_path):
   """2 processes x 4 devices, arrays split over all 8: the saved record holds the crc32s
   of both processes' shards; a shard damaged where process 1 alone reads it sends both

@@ -1,6 +1,7 @@
 """Distilled DeiT / A-ViT: DeiT's distillation loss against PyTorch, the fine-tuning rules for
 the distillation token, and the checks of a teacher before anything compiles."""
 
+import logging
 import re
 
 import jax
@@ -353,7 +354,9 @@ def _batch(seed=0):
 
 
 @pytest.mark.parametrize('kind', ['hard', 'soft'])
-def test_the_teacher_trains_head_dist_inside_the_step(teacher_dir, fashion_mnist_dir, kind):
+def test_the_teacher_trains_head_dist_inside_the_step(teacher_dir, fashion_mnist_dir, kind,
+                                                      caplog):
+  caplog.set_level(logging.INFO)
   config = _student_config(teacher_dir, fashion_mnist_dir, **{
       'distill.kind': kind, 'distill.alpha': 0.3, 'distill.tau': 2.0})
   batch = _batch()
@@ -372,6 +375,9 @@ def test_the_teacher_trains_head_dist_inside_the_step(teacher_dir, fashion_mnist
   for name in ('loss', 'ce', 'distill_loss', 'grad_norm'):
     for other in metrics[1:]:
       np.testing.assert_allclose(other[name], metrics[0][name], rtol=1e-5, err_msg=name)
+  # Its cost is logged once per run, with what it is.
+  assert caplog.text.count(f'teacher {teacher_dir} (DeiT, depth 3, width 48; {kind} '
+                           'distillation, alpha 0.3): ') == len(meshes)
 
 
 def test_without_a_teacher_both_heads_learn_the_labels(fashion_mnist_dir):

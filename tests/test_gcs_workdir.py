@@ -38,6 +38,8 @@ from avit_jax import command_line
 from avit_jax.training import train
 from tests.helpers import REPO, CommandRun
 
+pytestmark = pytest.mark.processes
+
 BUCKET = 'avit'
 RUN = f'gs://{BUCKET}/run'
 TOTAL_STEPS = 12

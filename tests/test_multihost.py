@@ -3,6 +3,8 @@
 x 4 devices on the same global batches (`data.shards=2`). Every process has a deadline, so a
 hang fails the test instead of stalling the suite."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from avit_jax import checkpoints, command_line, config_lib, models
+from avit_jax import checkpoints, command_line, config_lib, distributed, models
 from avit_jax.training import train
 from tests.helpers import REPO, STALL_FINALIZE, CommandRun
 
@@ -25,8 +27,9 @@ DEADLINE_S = 300  # for one launch of the command, compile and all
 # JAX stops the survivors of a dead process after this many seconds without its heartbeat.
 HEARTBEAT_S = 5
 STEPS = 12  # of the runs compared with the reference run
+FSDP = ['--config.mesh.fsdp=4']  # every array split over the 4 devices of a run
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = pytest.mark.processes
 
 
 def _flags(workdir, data_dir, steps: int, extra=()) -> list[str]:
@@ -127,17 +130,18 @@ def _params(model) -> dict:
   return config_lib.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
-def _verify(path, capsys) -> tuple[int, str]:
+def _verify(path) -> tuple[int, str]:
   """`python -m avit_jax.checkpoints verify path`, in this process: (exit status, stdout)."""
-  capsys.readouterr()
-  code = checkpoints.main(['verify', str(path)])
-  return code, capsys.readouterr().out
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    code = checkpoints.main(['verify', str(path)])
+  return code, out.getvalue()
 
 
 def _config(data_dir, **overrides):
   """The launches' config (STEPS steps), as the command builds it from the same flags."""
   config = command_line.load_config(os.path.join(REPO, 'configs', 'fashion_mnist.py'),
-                                    _flags('unused', data_dir, STEPS)[4:])
+                                    _flags('unused', data_dir, STEPS, FSDP)[4:])
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -153,48 +157,109 @@ def single(tmp_path_factory, fashion_mnist_dir):
 
 
 @pytest.fixture(scope='module')
-def pod(single, tmp_path_factory, fashion_mnist_dir):
-  """2 processes x 2 devices, STEPS steps, stopped by SIGTERM to process 1 after step 2 and
-  rerun with the same commands: (workdir, the stopped launch, the resumed launch)."""
-  workdir = tmp_path_factory.mktemp('pod') / 'run'
-  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
-               extra=['--config.write_depth_maps=False'])
-  run.wait_for_line(1, f'step 2/{STEPS}')
-  run.procs[1].signal(signal.SIGTERM)
-  assert run.wait() == [143, 143], (run.log(0)[-2000:], run.log(1)[-2000:])
-  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
-                   tag='resume')
-  resumed.succeed()
-  return workdir, run, resumed
+def pod(tmp_path_factory, fashion_mnist_dir):
+  """2 processes x 2 devices on one workdir, every array split over both (FSDP), through
+  the faults a pod meets, each run started with the same commands:
+
+  1. `stopped`: SIGTERM to process 1 after step 2; both processes save and exit.
+  2. `stalled`: resumes; is held still, idle, where process 0 finalises its last checkpoint
+     (after every process wrote its arrays); `second`, another run on the workdir, is
+     refused; kill -9 of process 1 stops process 0 on JAX's heartbeat.
+  3. A byte flipped in the newest complete checkpoint's shard that only process 1 wrote;
+     `verify` finds it.
+  4. `resumed`: falls back past it to the newest intact step and finishes the run.
+  """
+  root = tmp_path_factory.mktemp('pod')
+  workdir, marker = root / 'run', root / 'stalled'
+  launch = lambda tag, **kw: Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2,
+                                    steps=STEPS, extra=FSDP, tag=tag, **kw)
+  found = {'workdir': workdir}
+  found['stopped'] = stopped = launch('stopped', process_extra={
+      0: ['--config.write_depth_maps=False'], 1: ['--config.write_depth_maps=False']})
+  stopped.wait_for_line(1, f'step 2/{STEPS}')
+  stopped.procs[1].signal(signal.SIGTERM)
+  assert stopped.wait() == [143, 143], (stopped.log(0)[-2000:], stopped.log(1)[-2000:])
+
+  found['stalled'] = stalled = launch('stalled', env={'STALL_MARKER': str(marker)}, stall=STEPS)
+  try:
+    stalled.procs[0].wait_for_file(str(marker), DEADLINE_S)
+  finally:
+    if not marker.exists():
+      stalled.kill()
+  found['second'] = second = launch('second')
+  found['second_codes'] = second.wait()
+  stalled.procs[1].signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  found['stalled_codes'] = stalled.wait(timeout=HEARTBEAT_S + 60)
+  found['stop_s'] = time.monotonic() - killed_at
+
+  found['steps'] = steps = _steps(workdir)
+  assert len(steps) >= 2 and steps[-1] < STEPS, steps  # the last step was never finalised
+  data = workdir / 'checkpoints' / str(steps[-1]) / 'params' / 'ocdbt.process_1' / 'd'
+  target = max(data.iterdir(), key=lambda p: p.stat().st_size)
+  raw = bytearray(target.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  target.write_bytes(bytes(raw))
+  found['verify'] = _verify(workdir)
+
+  found['resumed'] = launch('resumed')
+  found['resumed'].succeed()
+  return found
 
 
 def test_sigterm_to_one_process_stops_every_process_at_one_step(single, pod):
-  workdir, run, resumed = pod
-  stopped = {_stopped_step(run.log(i)) for i in (0, 1)}
+  stopped = {_stopped_step(pod['stopped'].log(i)) for i in (0, 1)}
   assert len(stopped) == 1, stopped  # the same step on both
   step = stopped.pop()
   assert 2 <= step < STEPS
-  assert f'resumed from {workdir}/checkpoints/{step}' in resumed.log(0)
-  # The same commands again resumed and ended where an uninterrupted one-process run ends.
-  _assert_same_metrics(_eval(workdir), _eval(single))
+  assert f'resumed from {pod["workdir"]}/checkpoints/{step}' in pod['stalled'].log(0)
+  # The same commands resumed (twice) and ended where an uninterrupted one-process run ends.
+  _assert_same_metrics(_eval(pod['workdir']), _eval(single))
 
 
-def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fashion_mnist_dir,
-                                                               capsys):
-  workdir, run, resumed = pod
-  pod_eval = _eval(workdir)
-  assert pod_eval['num_images'] == 256
-  # Process 0 alone writes the figures, config.json, eval.json and events (one file a launch).
+def test_a_second_run_is_refused_a_dead_process_stops_the_other_and_a_damaged_shard_is_found(
+    pod):
+  workdir, second, stalled, resumed = pod['workdir'], pod['second'], pod['stalled'], pod['resumed']
+  # Another run on the same workdir: every one of its processes is refused, with the reason.
+  assert pod['second_codes'] == [1, 1]
+  for i in (0, 1):
+    assert 'another run (pid' in second.log(i) and 'is using workdir' in second.log(i)
+  # kill -9 of one process: the other stops on JAX's heartbeat, with a message, in bounded time.
+  assert pod['stalled_codes'][0] != 0
+  assert pod['stop_s'] < HEARTBEAT_S + 60
+  assert 'another task died' in stalled.log(0) or 'Gloo' in stalled.log(0), stalled.log(0)[-3000:]
+  # verify finds the flipped byte in the newest complete step.
+  steps = pod['steps']
+  newest, intact = steps[-2:][::-1]
+  code, out = pod['verify']
+  assert code == 1, out
+  assert f'{workdir}/checkpoints/{newest}: DAMAGED' in out
+  assert f'{len(steps) - 1} of {len(steps)} checkpoint(s) intact, 1 damaged' in out
+  # The same commands resumed, every process from the newest intact step, and wrote the
+  # damaged step and the unfinished one anew.
+  for i in (0, 1):
+    assert f'resuming from step {intact}, the newest intact checkpoint' in resumed.log(i)
+  assert f'resumed from {workdir}/checkpoints/{intact}' in resumed.log(0)
+  assert 'moved damaged checkpoint' in resumed.log(0)
+  assert _steps(workdir)[-2:] == [8, 12]
+  assert not list((workdir / 'checkpoints').glob('*tmp*'))
+
+
+def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fashion_mnist_dir):
+  workdir, resumed = pod['workdir'], pod['resumed']
+  assert _eval(workdir)['num_images'] == 256
+  # Process 0 alone writes the figures (from parameters no process holds whole),
+  # config.json, eval.json and events (one file a launch).
   assert 'wrote 16 figures' in resumed.log(0) and 'figures' not in resumed.log(1)
   assert len(os.listdir(workdir / 'figures' / 'depth_maps')) == 8
-  assert len([n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]) == 2
-  assert _steps(workdir)[-2:] == [8, 12]
-  # Its checkpoints read and verify in one process, and evaluate to the same metrics.
-  code, out = _verify(workdir, capsys)
+  assert len([n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]) == 3
+  # Its checkpoints read and verify in one process, and evaluate to the same metrics there
+  # on one device.
+  code, out = _verify(workdir)
   count = len(_steps(workdir))
   assert code == 0 and f'{count} of {count} checkpoint(s) intact' in out, out
-  metrics = train.train_and_evaluate(_config(fashion_mnist_dir, mode='eval'), str(workdir),
-                                     devices=jax.devices()[:1])
+  metrics = train.train_and_evaluate(_config(fashion_mnist_dir, mode='eval', **{'mesh.fsdp': 1}),
+                                     str(workdir), devices=jax.devices()[:1])
   _assert_same_metrics(metrics, _eval(single))
   _assert_same_metrics(_eval(workdir), _eval(single))  # and wrote them
   # The loader of visualize, tradeoff and the benchmark reads it: the parameters trained on
@@ -206,63 +271,6 @@ def test_two_processes_train_evaluate_and_write_figures_as_one(single, pod, fash
   for name, value in single_params.items():
     np.testing.assert_allclose(pod_params[name], value, rtol=1e-3,
                                atol=1e-3 * np.abs(value).max(), err_msg=name)
-
-
-def test_a_second_run_is_refused_a_dead_process_stops_the_other_and_a_damaged_shard_is_found(
-    tmp_path, fashion_mnist_dir, capsys):
-  """One run with every array split over both processes (mesh.fsdp=4), through four faults:
-  a second run on its workdir, kill -9 of one process, a byte flipped in a shard of the
-  newest checkpoint that only process 1 wrote, and the restart that must fall back past it.
-  The run is held still, idle, at its last checkpoint (process 0 stalls in its atomic
-  finalisation, after every process wrote its arrays), so steps 4 and 8 are complete."""
-  workdir = tmp_path / 'pod'
-  marker = tmp_path / 'stalled'
-  fsdp = ['--config.mesh.fsdp=4']
-  run = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS, extra=fsdp,
-               env={'STALL_MARKER': str(marker)}, stall=STEPS)
-  try:
-    run.procs[0].wait_for_file(str(marker), DEADLINE_S)
-  finally:
-    if not marker.exists():
-      run.kill()
-  # Another run on the same workdir: every one of its processes is refused, with the reason.
-  second = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
-                  extra=fsdp, tag='second')
-  assert second.wait() == [1, 1]
-  for i in (0, 1):
-    assert 'another run (pid' in second.log(i) and 'is using workdir' in second.log(i)
-  # kill -9 of one process: the other stops on JAX's heartbeat, with a message, in bounded time.
-  run.procs[1].signal(signal.SIGKILL)
-  killed_at = time.monotonic()
-  code = run.wait(timeout=HEARTBEAT_S + 60)
-  assert code[0] != 0
-  assert time.monotonic() - killed_at < HEARTBEAT_S + 60
-  assert 'another task died' in run.log(0) or 'Gloo' in run.log(0), run.log(0)[-3000:]
-  steps = _steps(workdir)
-  assert steps == [4, 8], steps  # step 12 was never finalised
-  # Flip one byte in the middle of the largest array file process 1 wrote for step 8.
-  data = workdir / 'checkpoints' / '8' / 'params' / 'ocdbt.process_1' / 'd'
-  target = max(data.iterdir(), key=lambda p: p.stat().st_size)
-  raw = bytearray(target.read_bytes())
-  raw[len(raw) // 2] ^= 0xFF
-  target.write_bytes(bytes(raw))
-  code, out = _verify(workdir, capsys)
-  assert code == 1, out
-  assert f'{workdir}/checkpoints/8: DAMAGED' in out
-  assert '1 of 2 checkpoint(s) intact, 1 damaged' in out
-  # The same commands resume, every process from the newest intact step, and write the
-  # damaged step and the unfinished one anew.
-  resumed = Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2, steps=STEPS,
-                   extra=fsdp, tag='resume')
-  resumed.succeed()
-  for i in (0, 1):
-    assert 'resuming from step 4, the newest intact checkpoint' in resumed.log(i)
-  assert f'resumed from {workdir}/checkpoints/4' in resumed.log(0)
-  assert 'moved damaged checkpoint' in resumed.log(0)
-  assert _steps(workdir) == [4, 8, 12]
-  assert not list((workdir / 'checkpoints').glob('*tmp*'))
-  assert _eval(workdir)['step'] == STEPS
-  assert 'wrote 16 figures' in resumed.log(0)  # from parameters no process holds whole
 
 
 def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path, fashion_mnist_dir):
@@ -282,11 +290,13 @@ def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path, fas
       'this host can reach it, or raise --initialization_timeout')
   assert 'Traceback' not in done.stderr
   assert not (tmp_path / 'run').exists()  # it stopped before touching the workdir
-  partial = subprocess.run(command[:-3], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                           capture_output=True, text=True, timeout=DEADLINE_S)
-  assert partial.returncode == 1 and partial.stderr.strip().splitlines()[-1] == (
-      'error: --coordinator_address, --num_processes and --process_id go together: give all '
-      'three (or none, on SLURM or a TPU pod)')
+  # Some of the three flags but not all: refused before anything starts (the command prints
+  # the message after "error: ", as above).
+  with pytest.raises(distributed.DistributedError) as partial:
+    distributed.initialize(f'127.0.0.1:{port}', 2, None)
+  assert str(partial.value) == (
+      '--coordinator_address, --num_processes and --process_id go together: give all three '
+      '(or none, on SLURM or a TPU pod)')
 
 
 def test_processes_started_with_different_configs_all_stop(tmp_path, fashion_mnist_dir):

@@ -26,6 +26,8 @@ from avit_jax.training import train
 from tests.helpers import (REPO, STALL_FINALIZE, TINY_FLAGS, CommandRun, sigterm_at,
                            tiny_config)
 
+pytestmark = pytest.mark.processes
+
 # More steps than TINY_FLAGS's: room for three faults in one run (the steps take milliseconds).
 FLAGS = TINY_FLAGS | {'num_train_steps': 16, 'eval_every_steps': 16}
 TOTAL_STEPS = FLAGS['num_train_steps']

@@ -291,10 +291,11 @@ def load_teacher(config: ml_collections.ConfigDict
   model, metadata = models.load(config.distill.teacher)
   teacher_config = ml_collections.ConfigDict(metadata['model'])
   teacher_gflops = flops.dense_gflops(teacher_config)
-  logging.info('teacher %s (%s, %s distillation, alpha %g): %.4g GFLOPs per image forward, '
-               '%.2fx the student\'s dense forward, run in every train step',
-               config.distill.teacher, teacher_config.get('variant', 'model'),
-               config.distill.kind, config.distill.alpha, teacher_gflops,
+  logging.info('teacher %s (%s, depth %d, width %d; %s distillation, alpha %g): %.4g GFLOPs per '
+               'image forward, %.2fx the student\'s dense forward, run in every train step',
+               config.distill.teacher, 'A-ViT' if teacher_config.halting else 'DeiT',
+               teacher_config.depth, teacher_config.dim, config.distill.kind,
+               config.distill.alpha, teacher_gflops,
                teacher_gflops / flops.dense_gflops(config.model))
   graphs, params = split_model(model)
   return graphs, params
