@@ -1,5 +1,5 @@
 """Test set-up (before jax is imported): 8 fake CPU devices, one persistent compilation cache
-for the session, and the `slow` marker."""
+for the session, the `slow` and `processes` markers, and the files' order."""
 
 import collections
 import os
@@ -43,3 +43,17 @@ def pytest_collection_modifyitems(config, items):
   counts = collections.Counter(item.path for item in items
                                if item.get_closest_marker('processes'))
   items.sort(key=lambda item: -counts[item.path])  # stable: the order within each count
+
+
+def pytest_unconfigure(config):
+  del config
+  if _CACHE_DIR:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def fashion_mnist_dir():
+  if not os.path.exists(os.path.join(FASHION_MNIST_DIR, 't10k-images-idx3-ubyte.gz')):
+    raise RuntimeError(f'Fashion-MNIST IDX files missing under {FASHION_MNIST_DIR}: run '
+                       '`bash tools/bootstrap.sh` (apt-get install dataset-fashion-mnist)')
+  return FASHION_MNIST_DIR

@@ -1,7 +1,7 @@
 """The multi-host command for real on one machine: `python -m avit_jax.main` as 2 processes x
-2 CPU devices (jax.distributed with gloo collectives) sharing one workdir, against 1 process
-x 4 devices on the same global batches (`data.shards=2`). Every process has a deadline, so a
-hang fails the test instead of stalling the suite."""
+2 CPU devices (jax.distributed with gloo collectives) sharing one workdir through the faults
+a pod meets, against 1 process x 4 devices on the same global batches (`data.shards=2`).
+Every process has a deadline, so a hang fails the test instead of stalling the suite."""
 
 import contextlib
 import io
