@@ -111,8 +111,11 @@ def _assert_resumed(run: Run, workdir: str, step: int, reference: dict, note: st
 
 
 def _assert_checkpoint_matches(workdir: str, step: int, reference: dict, note: str) -> None:
-  """The checkpoint a restart will use is readable and equals the reference's."""
-  _assert_same_params(_params(workdir, step), _params(reference['workdir'], step), note)
+  """The checkpoint a restart will use is readable and, where the uninterrupted run saved
+  the same step (every 2 steps; a SIGTERM saves off that schedule), equals it."""
+  params = _params(workdir, step)
+  if step in _complete_steps(reference['workdir']):
+    _assert_same_params(params, _params(reference['workdir'], step), note)
 
 
 def test_three_faults_in_a_row_then_resume_is_bitwise_equal(tmp_path, env, reference):
