@@ -219,6 +219,7 @@ def test_missing_fashion_mnist_is_a_config_error(tmp_path, monkeypatch):
 
 def test_a_failure_mid_run_saves_the_last_step(tmp_path, monkeypatch):
   # The eval at step 6 fails: step 6 was trained and is saved before the error propagates.
+  # One device: nothing here depends on sharding, and its programs compile fastest.
   config = tiny_config(**{'eval_every_steps': 6})
   real_evaluate = train.evaluate_split
 
@@ -227,7 +228,7 @@ def test_a_failure_mid_run_saves_the_last_step(tmp_path, monkeypatch):
   monkeypatch.setattr(train, 'evaluate_split', failing_evaluate)
   workdir = tmp_path / 'wd'
   with pytest.raises(RuntimeError, match='^eval failed$'):
-    train.train_and_evaluate(config, str(workdir))
+    train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6']
   check = checkpoints.check_step(str(workdir / 'checkpoints' / '6'))
   assert check.ok, check.problems
@@ -238,7 +239,7 @@ def test_a_failure_mid_run_saves_the_last_step(tmp_path, monkeypatch):
   monkeypatch.setattr(train.pipeline, 'train_iterator',
                       lambda c, start_step: resumed.append(start_step) or real_iterator(
                           c, start_step=start_step))
-  assert train.train_and_evaluate(config, str(workdir))['step'] == 8
+  assert train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])['step'] == 8
   assert resumed == [6]
 
 

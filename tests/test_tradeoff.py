@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from tests.helpers import tiny_config
 def run(tmp_path_factory, fashion_mnist_dir):
   workdir = str(tmp_path_factory.mktemp('tradeoff'))
   config = tiny_config(**{'data.data_dir': fashion_mnist_dir, 'num_eval_images': 128})
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])  # compiles fastest
   with open(os.path.join(workdir, 'eval.json')) as f:
     return workdir, config, json.load(f)
 
@@ -65,7 +66,7 @@ def test_eval_mode_takes_a_shifted_gate_centre_and_keeps_the_run_config(run, tmp
     saved = f.read()
   eval_config = tiny_config(**{'data.data_dir': config.data.data_dir, 'num_eval_images': 128,
                                'mode': 'eval', 'model.gate_center': config.model.gate_center + 2})
-  metrics = train.train_and_evaluate(eval_config, workdir)
+  metrics = train.train_and_evaluate(eval_config, workdir, devices=jax.devices()[:1])
   # The later gate centre took effect: tokens halt later than in the run's own eval.
   assert metrics['mean_token_depth'] > trained['mean_token_depth'], (metrics, trained)
   assert metrics['gflops_per_image'] > trained['gflops_per_image'], (metrics, trained)
