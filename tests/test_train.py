@@ -218,19 +218,41 @@ def test_init_from_fits_head_and_pos_embed_to_the_model(tmp_path, caplog):
 
 
 def test_train_and_evaluate_from_python_logs_its_progress(tmp_path, fashion_mnist_dir):
-  """Called from a script (no absl flags parsed), it prints the command's step and eval lines."""
-  script = (f'from tests.helpers import tiny_config\n'
+  """Called from a script (no absl flags parsed), it prints the command's step and eval lines,
+  writes the same numbers as TensorBoard scalars, and never loads PyTorch (installed here for
+  conversion)."""
+  run = tmp_path / 'run'
+  script = (f'import sys\n'
+            f'from tests.helpers import tiny_config\n'
             f'from avit_jax.training import train\n'
             f'train.train_and_evaluate(tiny_config(**{{"data.data_dir": {fashion_mnist_dir!r}}}), '
-            f'{str(tmp_path / "run")!r})\n')
+            f'{str(run)!r})\n'
+            f'print("torch loaded:", "torch" in sys.modules)\n')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   done = subprocess.run([sys.executable, '-c', script], cwd=repo, capture_output=True, text=True,
                         env=dict(os.environ, PYTHONPATH=repo), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.splitlines()[-1] == 'torch loaded: False'
   lines = done.stderr.splitlines()
-  assert [l.split(' epoch')[0].split('absl:')[-1] for l in lines if ' epoch ' in l] == [
-      'step 4/8', 'step 8/8']
+  steps = [l for l in lines if ' epoch ' in l]
+  assert [l.split(' epoch')[0].split('absl:')[-1] for l in steps] == ['step 4/8', 'step 8/8']
   assert any('eval step 8: top1 ' in l for l in lines)
+  # The events hold what the log lines print (float32 scalars) and what eval.json holds.
+  import tensorflow as tf
+  scalars = {}
+  for name in os.listdir(run):
+    if name.startswith('events.out.tfevents'):
+      for event in tf.compat.v1.train.summary_iterator(str(run / name)):
+        for value in event.summary.value:
+          scalars[value.tag, event.step] = value.simple_value
+  logged_losses = [float(l.split('| loss ')[1].split()[0]) for l in steps]
+  np.testing.assert_allclose([scalars['train/loss', 4], scalars['train/loss', 8]],
+                             logged_losses, atol=5e-5)
+  with open(run / 'eval.json') as f:
+    written = json.load(f)
+  for key, tag in (('top1', 'top1'), ('eval_loss', 'loss'), ('mean_token_depth',
+                                                              'mean_token_depth')):
+    assert scalars[f'eval/test/{tag}', 8] == np.float32(written[key]), key
 
 
 def test_logged_images_per_second_count_training_steps_only(tmp_path, monkeypatch,

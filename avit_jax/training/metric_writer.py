@@ -4,11 +4,27 @@ eval.json, written by process 0 only, and the train / eval log lines."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from absl import logging
 
 from avit_jax.training.workdir import EVAL_FILE, write_json
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch. tensorboardX imports torch
+  whenever it is installed (the `torch` extra, for conversion) only to accept torch tensors,
+  which a run never logs; loading torch would slow every run's start and enlarge its memory."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # makes `import torch` raise ImportError, for this import only
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -21,8 +37,7 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     if enabled and events:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(workdir)
+      self._tb = _summary_writer_class()(workdir)
 
   def scalars(self, step: int, values: dict) -> None:
     if self._tb is not None:
