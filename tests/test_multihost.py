@@ -66,11 +66,11 @@ class Launch:
       if num_processes > 1:
         args += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
                  f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_S}']
-      start = None
+      start, process_env = None, env
       if stall and i == 0:
         start = [sys.executable, '-c', STALL_FINALIZE]
-        env = env | {'STALL_STEP': str(stall)}
-      self.procs.append(CommandRun(args, env=env, start=start, name=f'{tag}, process {i}'))
+        process_env = env | {'STALL_STEP': str(stall)}
+      self.procs.append(CommandRun(args, env=process_env, start=start, name=f'{tag}, process {i}'))
 
   def log(self, i: int) -> str:
     return self.procs[i].output
@@ -171,11 +171,11 @@ def pod(tmp_path_factory, fashion_mnist_dir):
   """
   root = tmp_path_factory.mktemp('pod')
   workdir, marker = root / 'run', root / 'stalled'
-  launch = lambda tag, **kw: Launch(workdir, fashion_mnist_dir, num_processes=2, devices=2,
-                                    steps=STEPS, extra=FSDP, tag=tag, **kw)
+  launch = lambda tag, extra=(), **kw: Launch(workdir, fashion_mnist_dir, num_processes=2,
+                                              devices=2, steps=STEPS, extra=[*FSDP, *extra],
+                                              tag=tag, **kw)
   found = {'workdir': workdir}
-  found['stopped'] = stopped = launch('stopped', process_extra={
-      0: ['--config.write_depth_maps=False'], 1: ['--config.write_depth_maps=False']})
+  found['stopped'] = stopped = launch('stopped', extra=['--config.write_depth_maps=False'])
   stopped.wait_for_line(1, f'step 2/{STEPS}')
   stopped.procs[1].signal(signal.SIGTERM)
   assert stopped.wait() == [143, 143], (stopped.log(0)[-2000:], stopped.log(1)[-2000:])
